@@ -1,0 +1,18 @@
+//! ghostsr: make pretrained ONNX super-resolution networks cheaper with ghost features.
+//!
+//! The pipeline, one module per stage:
+//! [`model`] reads and writes ONNX files losslessly; [`graph`] indexes a graph, infers channel
+//! counts and shapes, and decides which Convs may be ghosted; [`plan`] is the one serialisable
+//! description of a rewrite (and the k-means planner that makes one); [`emit`] applies a plan to
+//! a model, in plugin form (`ai.ghostsr::GhostShift`) or in standard ONNX ops; [`report`] counts
+//! parameters and multiply-adds. [`ops`] declares the GhostShift op and its CPU kernel, and
+//! [`plugin`] registers it with ONNX Runtime. [`generate`] builds synthetic SR graphs for
+//! fixtures, tests and benchmarks. The CLI (`src/main.rs`, [`cli`]) only orchestrates.
+
+pub mod cli;
+pub mod emit;
+pub mod graph;
+pub mod model;
+pub mod onnx;
+pub mod plan;
+pub mod report;
