@@ -1,1 +1,377 @@
-//! placeholder
+//! The `ghostsr` command line: flags, help texts, progress and summaries.
+//!
+//! Each verb parses its flags into the library's option types and calls the pipeline (model I/O
+//! -> analysis -> plan -> emit); nothing here walks a graph. Errors are returned with context and
+//! printed once by `main`, with the whole cause chain.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::emit::{self, EmitMode};
+use crate::graph::GraphIndex;
+use crate::graph::analysis::{self, Policy};
+use crate::model::{self, WriteOptions};
+use crate::plan::Plan;
+use crate::plan::kmeans::{self, PlanOptions};
+use crate::report::{self, thousands};
+
+const ABOUT: &str = "Make pretrained ONNX super-resolution models cheaper with ghost features (GhostSR).";
+const LONG_ABOUT: &str = "\
+Make pretrained ONNX super-resolution models cheaper with ghost features (GhostSR).
+
+In a pretrained SR network many Conv output channels are near copies of others, shifted by a
+pixel. ghostsr clusters each eligible Conv's filters (k-means), keeps the filter nearest each
+centroid (intrinsic) and replaces the others by shifted copies of intrinsic outputs (ghosts):
+the Conv becomes a smaller Conv + GhostShift + Concat, and the rest of the network stays exact.
+
+Typical use:
+  ghostsr inspect model.onnx                      what would be ghosted, and why not
+  ghostsr convert model.onnx -o model.ghost.onnx  plan and rewrite (needs the plugin to run)
+  ghostsr convert model.onnx -o g.onnx --emit standard   standard ONNX ops only
+  ghostsr plan model.onnx -o plan.json            write the plan (for a trainer, or to edit)
+  ghostsr convert model.onnx --plan plan.json -o model.ghost.onnx";
+
+#[derive(Parser, Debug)]
+#[command(name = "ghostsr", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List operators, parameters, multiply-adds, and every Conv with why it is or is not eligible.
+    Inspect(InspectArgs),
+    /// Plan the ghosts (k-means on filters) and write the plan as JSON.
+    Plan(PlanArgs),
+    /// Rewrite a model into its ghost form, from a plan file or planning on the fly.
+    Convert(ConvertArgs),
+    /// Generate a synthetic SR network (EDSR, EDSR-baseline, RDN-, RCAN-style) with deterministic
+    /// weights, for fixtures, tests and benchmarks.
+    Generate(crate::generate::GenerateArgs),
+}
+
+/// Which Convs are candidates.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Also ghost 1x1 Convs (by default only 3x3 Convs are).
+    #[arg(long)]
+    pub allow_1x1: bool,
+    /// Fewest filters a Conv needs to be ghosted by default.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub min_channels: usize,
+    /// Ghost this Conv (node name or output tensor name) even if the default policy keeps it
+    /// (first/last Conv, upsampler input, kernel size, channel count). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub include: Vec<String>,
+    /// Never ghost this Conv (node name or output tensor name). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub exclude: Vec<String>,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> Policy {
+        Policy {
+            allow_1x1: self.allow_1x1,
+            min_channels: self.min_channels,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+        }
+    }
+}
+
+/// How the planner chooses ghosts.
+#[derive(Args, Debug, Clone)]
+pub struct PlanningArgs {
+    /// Fraction λ of each layer's filters that become ghosts (0 keeps every filter).
+    #[arg(long, value_name = "λ", value_parser = parse_ratio)]
+    pub ratio: Option<f64>,
+    /// Seed for k-means (plans are deterministic for a given seed).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Largest shift in pixels, per axis, a ghost may use.
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i64).range(0..=8))]
+    pub max_shift: Option<i64>,
+}
+
+impl PlanningArgs {
+    fn options(&self) -> PlanOptions {
+        let d = PlanOptions::default();
+        PlanOptions {
+            ratio: self.ratio.unwrap_or(d.ratio),
+            seed: self.seed.unwrap_or(d.seed),
+            max_shift: self.max_shift.unwrap_or(d.max_shift),
+            ..d
+        }
+    }
+
+    fn any_set(&self) -> bool {
+        self.ratio.is_some() || self.seed.is_some() || self.max_shift.is_some()
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [0, 1)")) }
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// The original ONNX model.
+    pub model: PathBuf,
+    /// Where to write the plan (JSON).
+    #[arg(short, long, value_name = "PLAN")]
+    pub output: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The original ONNX model.
+    pub model: PathBuf,
+    /// Where to write the ghost model.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Apply this plan instead of planning (see `ghostsr plan`).
+    #[arg(long, value_name = "PLAN")]
+    pub plan: Option<PathBuf>,
+    /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
+    /// Runtime); `standard` uses standard ONNX ops only.
+    #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
+    pub emit: EmitMode,
+    /// Also write the plan that was applied to this path.
+    #[arg(long, value_name = "PLAN")]
+    pub save_plan: Option<PathBuf>,
+    /// Replace output files that exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// Parses the command line and runs the verb.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect(a) => inspect(&a),
+        Command::Plan(a) => plan(&a),
+        Command::Convert(a) => convert(&a),
+        Command::Generate(a) => crate::generate::run(&a),
+    }
+}
+
+fn inspect(a: &InspectArgs) -> Result<()> {
+    let m = model::load(&a.model)?;
+    let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
+    let analysis = analysis::analyze(&index, &a.policy.policy())?;
+    let report = report::inspect(&a.model.display().to_string(), &m.proto, &index, &analysis);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report::render(&report));
+        if report.convs_eligible == 0 {
+            println!("  no Conv is eligible: see the reasons above (--include NAME overrides the policy)");
+        }
+    }
+    Ok(())
+}
+
+/// Progress on stderr: a rewriting counter on a terminal, a few lines otherwise.
+fn progress(label: &'static str) -> impl Fn(usize, usize, &str) + Sync {
+    let tty = std::io::stderr().is_terminal();
+    move |done, total, _layer| {
+        if tty {
+            eprint!("\r{label}: {done}/{total} layers");
+            if done == total {
+                eprintln!();
+            }
+        } else if total >= 8 && (done * 4 / total != (done - 1) * 4 / total) {
+            eprintln!("{label}: {done}/{total} layers");
+        }
+    }
+}
+
+fn make_plan(m: &model::Model, index: &GraphIndex<'_>, analysis: &analysis::Analysis, p: &PlanningArgs) -> Result<Plan> {
+    if analysis.eligible().next().is_none() {
+        bail!(
+            "{}: no Conv is eligible for ghosting; run `ghostsr inspect {}` to see why each is skipped (--include NAME overrides the policy)",
+            m.path.display(),
+            m.path.display()
+        );
+    }
+    kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))
+}
+
+fn plan(a: &PlanArgs) -> Result<()> {
+    let protect = [a.model.as_path()];
+    let opts = WriteOptions { protect: &protect, force: a.force };
+    model::check_output_path(&a.output, opts)?;
+    let m = model::load(&a.model)?;
+    let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
+    let analysis = analysis::analyze(&index, &a.policy.policy())?;
+    let plan = make_plan(&m, &index, &analysis, &a.planning)?;
+    model::write_atomic(&a.output, plan.to_json().as_bytes(), opts)?;
+    let ghosts: usize = plan.layers.iter().map(|l| l.ghosts.len()).sum();
+    let total: usize = plan.layers.iter().map(|l| l.out_channels).sum();
+    eprintln!(
+        "ghostsr: planned {} Convs ({ghosts} of {total} channels become ghosts) -> {}",
+        plan.layers.len(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// The numbers `convert` prints.
+#[derive(serde::Serialize)]
+struct ConvertSummary {
+    input: String,
+    output: String,
+    emit: EmitMode,
+    convs_ghosted: usize,
+    convs_total: usize,
+    params_before: u64,
+    params_after: u64,
+    macs_per_pixel_before: f64,
+    macs_per_pixel_after: f64,
+    reorders: Vec<(String, String)>,
+    absorbed: usize,
+    seconds: Timings,
+}
+
+#[derive(serde::Serialize, Default)]
+struct Timings {
+    load: f64,
+    analyse: f64,
+    plan: f64,
+    emit: f64,
+    save: f64,
+    total: f64,
+}
+
+fn convert(a: &ConvertArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut t = Timings::default();
+    if a.plan.is_some() && a.planning.any_set() {
+        bail!("--plan applies a plan file as it is; --ratio, --seed and --max-shift only apply when ghostsr plans");
+    }
+    let mut protect: Vec<&Path> = vec![a.model.as_path()];
+    if let Some(p) = &a.plan {
+        protect.push(p.as_path());
+    }
+    let opts = WriteOptions { protect: &protect, force: a.force };
+    model::check_output_path(&a.output, opts)?;
+    if let Some(p) = &a.save_plan {
+        model::check_output_path(p, opts)?;
+        if p == &a.output {
+            bail!("--save-plan and -o name the same file");
+        }
+    }
+    let mut lap = Instant::now();
+    let mut tick = |slot: &mut f64| {
+        *slot = lap.elapsed().as_secs_f64();
+        lap = Instant::now();
+    };
+    let m = model::load(&a.model)?;
+    tick(&mut t.load);
+    let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
+    let analysis = analysis::analyze(&index, &a.policy.policy())?;
+    tick(&mut t.analyse);
+    let plan = match &a.plan {
+        Some(p) => {
+            let plan = Plan::read(p)?;
+            plan.validate(&analysis).with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
+            plan
+        }
+        None => make_plan(&m, &index, &analysis, &a.planning)?,
+    };
+    tick(&mut t.plan);
+    let (out, emitted) = emit::emit(&m.proto, &analysis, &plan, a.emit)
+        .with_context(|| format!("rewriting {}", a.model.display()))?;
+    tick(&mut t.emit);
+    let bytes = model::encode(&out);
+    model::write_atomic(&a.output, &bytes, opts)?;
+    if let Some(p) = &a.save_plan {
+        model::write_atomic(p, plan.to_json().as_bytes(), opts)?;
+    }
+    tick(&mut t.save);
+    t.total = t0.elapsed().as_secs_f64();
+
+    let before = report::inspect("", &m.proto, &index, &analysis);
+    let out_index = GraphIndex::new(out.graph.as_ref().context("no graph")?)?;
+    let out_analysis = analysis::analyze(&out_index, &Policy::default())?;
+    let after = report::inspect("", &out, &out_index, &out_analysis);
+    let summary = ConvertSummary {
+        input: a.model.display().to_string(),
+        output: a.output.display().to_string(),
+        emit: a.emit,
+        convs_ghosted: emitted.layers_rewritten,
+        convs_total: analysis.convs.len(),
+        params_before: before.params,
+        params_after: after.params,
+        macs_per_pixel_before: before.macs_per_pixel,
+        macs_per_pixel_after: after.macs_per_pixel,
+        reorders: emitted.reorders,
+        absorbed: emitted.absorbed,
+        seconds: t,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn print_summary(s: &ConvertSummary) {
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 1.0 };
+    println!("ghostsr: {} -> {} ({:?} form)", s.input, s.output, s.emit);
+    println!("  Convs ghosted:  {} of {}", s.convs_ghosted, s.convs_total);
+    println!(
+        "  params:         {} -> {} ({:.2}x)",
+        thousands(s.params_before),
+        thousands(s.params_after),
+        ratio(s.params_before as f64, s.params_after as f64)
+    );
+    println!(
+        "  MACs/pixel:     {} -> {} ({:.2}x)",
+        thousands(s.macs_per_pixel_before.round() as u64),
+        thousands(s.macs_per_pixel_after.round() as u64),
+        ratio(s.macs_per_pixel_before, s.macs_per_pixel_after)
+    );
+    println!(
+        "  channel order:  absorbed into {} consumers, {} Gather(s) inserted",
+        s.absorbed,
+        s.reorders.len()
+    );
+    let t = &s.seconds;
+    println!(
+        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2})",
+        t.total, t.load, t.analyse, t.plan, t.emit, t.save
+    );
+}

@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod emit;
+pub mod generate;
 pub mod graph;
 pub mod model;
 pub mod onnx;

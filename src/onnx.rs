@@ -4,3 +4,150 @@
 #![allow(clippy::all, missing_docs)]
 
 include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+
+use anyhow::{Result, bail};
+use tensor_proto::DataType;
+
+/// The attribute `name` of `node`, if present.
+pub fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+}
+
+pub fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
+    attr(node, name).and_then(|a| a.i)
+}
+
+pub fn attr_f(node: &NodeProto, name: &str) -> Option<f32> {
+    attr(node, name).and_then(|a| a.f)
+}
+
+pub fn attr_ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    attr(node, name).map(|a| a.ints.clone())
+}
+
+pub fn attr_s(node: &NodeProto, name: &str) -> Option<String> {
+    attr(node, name).and_then(|a| a.s.as_ref()).map(|s| String::from_utf8_lossy(s).into_owned())
+}
+
+fn attr_base(name: &str, kind: attribute_proto::AttributeType) -> AttributeProto {
+    AttributeProto { name: Some(name.to_string()), r#type: Some(kind as i32), ..Default::default() }
+}
+
+pub fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { i: Some(v), ..attr_base(name, attribute_proto::AttributeType::Int) }
+}
+
+pub fn attr_ints_of(name: &str, v: Vec<i64>) -> AttributeProto {
+    AttributeProto { ints: v, ..attr_base(name, attribute_proto::AttributeType::Ints) }
+}
+
+pub fn attr_floats_of(name: &str, v: Vec<f32>) -> AttributeProto {
+    AttributeProto { floats: v, ..attr_base(name, attribute_proto::AttributeType::Floats) }
+}
+
+pub fn attr_string(name: &str, v: &str) -> AttributeProto {
+    AttributeProto { s: Some(v.as_bytes().to_vec()), ..attr_base(name, attribute_proto::AttributeType::String) }
+}
+
+/// A node with the given op type, name, inputs, outputs and attributes (default domain unless
+/// `domain` is set afterwards).
+pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.to_string()),
+        name: Some(name.to_string()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+pub fn tensor_name(t: &TensorProto) -> &str {
+    t.name.as_deref().unwrap_or("")
+}
+
+/// Number of elements a tensor declares through its dims.
+pub fn numel(dims: &[i64]) -> usize {
+    dims.iter().map(|&d| d.max(0) as usize).product()
+}
+
+/// Reads a float32 tensor (raw_data or float_data). External data must have been inlined by
+/// [`crate::model::load`].
+pub fn tensor_f32(t: &TensorProto) -> Result<Vec<f32>> {
+    if t.data_type != Some(DataType::Float as i32) {
+        bail!("tensor '{}' is not float32 (data_type {:?})", tensor_name(t), t.data_type);
+    }
+    let n = numel(&t.dims);
+    let v: Vec<f32> = match &t.raw_data {
+        Some(raw) => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        None => t.float_data.clone(),
+    };
+    if v.len() != n {
+        bail!("tensor '{}' holds {} values but its dims {:?} need {}", tensor_name(t), v.len(), t.dims, n);
+    }
+    Ok(v)
+}
+
+/// Reads an integer tensor (int64 or int32, raw or typed fields) as i64.
+pub fn tensor_i64(t: &TensorProto) -> Result<Vec<i64>> {
+    let n = numel(&t.dims);
+    let v: Vec<i64> = match (t.data_type, &t.raw_data) {
+        (Some(x), Some(raw)) if x == DataType::Int64 as i32 => {
+            raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+        }
+        (Some(x), None) if x == DataType::Int64 as i32 => t.int64_data.clone(),
+        (Some(x), Some(raw)) if x == DataType::Int32 as i32 => {
+            raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
+        }
+        (Some(x), None) if x == DataType::Int32 as i32 => t.int32_data.iter().map(|&v| v as i64).collect(),
+        _ => bail!("tensor '{}' is not an int64/int32 tensor", tensor_name(t)),
+    };
+    if v.len() != n {
+        bail!("tensor '{}' holds {} values but its dims {:?} need {}", tensor_name(t), v.len(), t.dims, n);
+    }
+    Ok(v)
+}
+
+/// A float32 initializer with little-endian raw data.
+pub fn f32_tensor(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    debug_assert_eq!(numel(dims), data.len());
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+/// An int64 initializer with little-endian raw data.
+pub fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    debug_assert_eq!(numel(dims), data.len());
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int64 as i32),
+        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+/// A float tensor value_info of rank 4 with a known channel count and unknown other dims.
+pub fn value_info_nchw(name: &str, dims: [Option<i64>; 4]) -> ValueInfoProto {
+    use tensor_shape_proto::{Dimension, dimension::Value};
+    let dim = dims
+        .iter()
+        .map(|d| Dimension { value: d.map(Value::DimValue), ..Default::default() })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

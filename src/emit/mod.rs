@@ -1,0 +1,413 @@
+//! Emitting: apply a [`Plan`] to a model and produce the ghost model.
+//!
+//! Each planned Conv becomes a reduced Conv (the intrinsic filters, pretrained weights kept), a
+//! ghost stage and a Concat. The ghost stage is `ai.ghostsr::GhostShift` in [`EmitMode::Plugin`]
+//! and a Gather + one-hot depthwise Conv in [`EmitMode::Standard`] (standard ops only, exactly the
+//! same function: the depthwise Conv's zero padding is GhostShift's zero fill, its weight the
+//! scale, its bias the bias). The Concat lays channels out as intrinsic-then-ghosts, a
+//! permutation of the original order; [`channel_order`] carries that permutation through the
+//! rest of the graph, absorbing it where that is exact (Conv/ConvTranspose weights, per-channel
+//! constants, element-wise ops, Concat, Split) and restoring the original order with a Gather
+//! where it is not (unknown ops, DepthToSpace, graph outputs). The result computes exactly the
+//! function the plan defines and keeps every graph output in its original channel order.
+
+mod channel_order;
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::graph::analysis::{Analysis, ConvInfo};
+use crate::graph::{GraphIndex, describe};
+use crate::onnx::{self, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
+use crate::plan::{LayerPlan, Plan};
+
+/// The custom op's domain and name (declared once for the emitter; the plugin has its own
+/// declaration of the same contract).
+pub const GHOST_DOMAIN: &str = "ai.ghostsr";
+pub const GHOST_OP: &str = "GhostShift";
+pub const GHOST_OP_VERSION: i64 = 1;
+
+/// How ghost channels are computed in the emitted graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmitMode {
+    /// `ai.ghostsr::GhostShift` (needs the plugin at run time; fastest).
+    Plugin,
+    /// Standard ONNX ops only (Gather + one-hot depthwise Conv); runs anywhere.
+    Standard,
+}
+
+/// What the emitter did, for summaries and tests.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EmitReport {
+    pub layers_rewritten: usize,
+    /// Consumers whose weights or constants absorbed a channel permutation.
+    pub absorbed: usize,
+    /// Gathers inserted to restore or convert a channel order: (tensor, why).
+    pub reorders: Vec<(String, String)>,
+}
+
+/// Applies `plan` (already validated against `analysis`) to `model`.
+pub fn emit(model: &ModelProto, analysis: &Analysis, plan: &Plan, mode: EmitMode) -> Result<(ModelProto, EmitReport)> {
+    let graph = model.graph.as_ref().context("the model has no graph")?;
+    let index = GraphIndex::new(graph)?;
+    plan.validate(analysis)?;
+    let layers: HashMap<&str, &LayerPlan> = plan.active_layers().map(|l| (l.conv_output.as_str(), l)).collect();
+
+    let mut e = Emitter::new(&index, analysis, mode);
+    for (i, node) in graph.node.iter().enumerate() {
+        let planned = match node.op_type() {
+            "Conv" => node.output.first().and_then(|o| layers.get(o.as_str())).copied(),
+            _ => None,
+        };
+        let res = match planned {
+            Some(layer) => {
+                let conv = analysis.conv_by_output(&layer.conv_output).context("planned Conv not analysed")?;
+                e.ghost_conv(node, conv, layer)
+            }
+            None => e.node(node),
+        };
+        res.with_context(|| format!("rewriting node #{i} {}", describe(node)))?;
+    }
+    for out in &graph.output {
+        if let Some(name) = out.name.as_deref() {
+            e.identity(name, "graph output keeps its original channel order");
+        }
+    }
+
+    let mut out = model.clone();
+    let g = out.graph.as_mut().expect("graph checked above");
+    let Emitter { nodes, inits, value_info, report, .. } = e;
+    g.node = nodes;
+    g.initializer.extend(inits);
+    // Drop initializers no node reads any more (replaced weights) and shape annotations of
+    // tensors that no longer exist, then annotate the new tensors.
+    let used: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    let outputs: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
+    g.initializer.retain(|t| used.contains(onnx::tensor_name(t)) || outputs.contains(onnx::tensor_name(t)));
+    let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+    g.value_info.retain(|v| v.name.as_ref().is_some_and(|n| produced.contains(n)));
+    g.value_info.extend(value_info);
+    if mode == EmitMode::Plugin
+        && g.node.iter().any(|n| n.domain.as_deref() == Some(GHOST_DOMAIN))
+        && !out.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN))
+    {
+        out.opset_import.push(OperatorSetIdProto {
+            domain: Some(GHOST_DOMAIN.into()),
+            version: Some(GHOST_OP_VERSION),
+        });
+    }
+    // Consistency check: every input defined before use, no tensor written twice.
+    GraphIndex::new(out.graph.as_ref().expect("graph")).context("internal error: the emitted graph is inconsistent")?;
+    Ok((out, report))
+}
+
+/// `stored[j] = original[perm[j]]`: how a tensor's channels are laid out after the rewrite.
+pub type Perm = Rc<Vec<usize>>;
+
+pub(crate) struct Emitter<'a> {
+    index: &'a GraphIndex<'a>,
+    analysis: &'a Analysis,
+    mode: EmitMode,
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    value_info: Vec<ValueInfoProto>,
+    /// Tensors whose stored layout is a permutation: original name -> (stored name, perm).
+    perms: HashMap<String, (String, Perm)>,
+    /// Original names already materialised in original order by a restoring Gather.
+    restored: HashSet<String>,
+    /// Converted layouts already materialised: (original name, perm) -> stored name.
+    converted: HashMap<(String, Vec<usize>), String>,
+    names: HashSet<String>,
+    report: EmitReport,
+}
+
+impl<'a> Emitter<'a> {
+    fn new(index: &'a GraphIndex<'a>, analysis: &'a Analysis, mode: EmitMode) -> Self {
+        let mut names: HashSet<String> = index.graph.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+        names.extend(index.graph.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
+        names.extend(index.graph.input.iter().filter_map(|v| v.name.clone()));
+        names.extend(index.graph.node.iter().filter_map(|n| n.name.clone()));
+        Self {
+            index,
+            analysis,
+            mode,
+            nodes: vec![],
+            inits: vec![],
+            value_info: vec![],
+            perms: HashMap::new(),
+            restored: HashSet::new(),
+            converted: HashMap::new(),
+            names,
+            report: EmitReport::default(),
+        }
+    }
+
+    /// A fresh name based on `base` (tensor and node names share one pool to stay readable).
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.names.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.names.insert(name.clone());
+        name
+    }
+
+    fn add_init(&mut self, base: &str, mut t: TensorProto) -> String {
+        let name = self.fresh(base);
+        t.name = Some(name.clone());
+        self.inits.push(t);
+        name
+    }
+
+    fn annotate(&mut self, name: &str, channels: Option<usize>) {
+        self.value_info.push(onnx::value_info_nchw(name, [None, channels.map(|c| c as i64), None, None]));
+    }
+
+    pub(crate) fn perm_of(&self, t: &str) -> Option<Perm> {
+        self.perms.get(t).map(|(_, p)| p.clone())
+    }
+
+    /// The name under which `t` is currently stored (its own name unless permuted).
+    pub(crate) fn stored(&self, t: &str) -> String {
+        self.perms.get(t).map(|(s, _)| s.clone()).unwrap_or_else(|| t.to_string())
+    }
+
+    /// Records that original tensor `t` is produced in layout `perm` and returns the name the
+    /// producing node must write. An identity layout keeps the original name.
+    pub(crate) fn set_layout(&mut self, t: &str, perm: Option<Perm>) -> String {
+        match perm.filter(|p| !is_identity(p)) {
+            None => t.to_string(),
+            Some(p) => {
+                let stored = self.fresh(&format!("{t}/ghostsr_perm"));
+                self.annotate(&stored, Some(p.len()));
+                self.perms.insert(t.to_string(), (stored.clone(), p));
+                stored
+            }
+        }
+    }
+
+    /// `t` in its original channel order: inserts (once) a Gather that restores it.
+    pub(crate) fn identity(&mut self, t: &str, why: &str) -> String {
+        let Some((stored, perm)) = self.perms.get(t).cloned() else {
+            return t.to_string();
+        };
+        if self.restored.insert(t.to_string()) {
+            let inv = inverse(&perm);
+            self.gather(&stored, &inv, t, why, t);
+        }
+        t.to_string()
+    }
+
+    /// `t` laid out as `target` (`None` = original order), converting with one Gather if needed.
+    pub(crate) fn in_layout(&mut self, t: &str, target: Option<&Perm>, why: &str) -> String {
+        let Some(target) = target.filter(|p| !is_identity(p)) else {
+            return self.identity(t, why);
+        };
+        let current = self.perm_of(t);
+        if current.as_ref() == Some(target) {
+            return self.stored(t);
+        }
+        let key = (t.to_string(), target.to_vec());
+        if let Some(name) = self.converted.get(&key) {
+            return name.clone();
+        }
+        // new[j] = original[target[j]] = stored[inv_current[target[j]]]
+        let idx: Vec<usize> = match &current {
+            Some(cur) => {
+                let inv = inverse(cur);
+                target.iter().map(|&c| inv[c]).collect()
+            }
+            None => target.to_vec(),
+        };
+        let src = self.stored(t);
+        let out = self.fresh(&format!("{t}/ghostsr_reorder"));
+        self.gather(&src, &idx, &out, why, t);
+        self.converted.insert(key, out.clone());
+        out
+    }
+
+    fn gather(&mut self, input: &str, idx: &[usize], output: &str, why: &str, original: &str) {
+        let idx64: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+        let ind = self.add_init(&format!("{original}/ghostsr_order"), onnx::i64_tensor("", &[idx64.len() as i64], &idx64));
+        let name = self.fresh(&format!("{original}/ghostsr_gather"));
+        let node = onnx::node("Gather", &name, &[input, &ind], &[output], vec![onnx::attr_int("axis", 1)]);
+        self.nodes.push(node);
+        if output != original {
+            self.annotate(output, Some(idx.len()));
+        }
+        self.report.reorders.push((original.to_string(), why.to_string()));
+    }
+
+    /// Emits an original node, carrying channel layouts through it.
+    fn node(&mut self, node: &NodeProto) -> Result<()> {
+        let permuted = node.input.iter().any(|i| self.perms.contains_key(i));
+        if !permuted {
+            self.nodes.push(node.clone());
+            return Ok(());
+        }
+        channel_order::carry(self, node)
+    }
+
+    /// Pushes `node` after restoring every permuted input to its original order.
+    pub(crate) fn emit_restored(&mut self, node: &NodeProto, why: &str) {
+        let mut n = node.clone();
+        for inp in n.input.iter_mut() {
+            if self.perms.contains_key(inp.as_str()) {
+                *inp = self.identity(inp, why);
+            }
+        }
+        self.nodes.push(n);
+    }
+
+    pub(crate) fn push(&mut self, node: NodeProto) {
+        self.nodes.push(node);
+    }
+
+    pub(crate) fn shapes(&self) -> &crate::graph::shapes::Shapes {
+        &self.analysis.shapes
+    }
+
+    pub(crate) fn index(&self) -> &GraphIndex<'a> {
+        self.index
+    }
+
+    pub(crate) fn new_constant(&mut self, base: &str, t: TensorProto) -> String {
+        self.add_init(base, t)
+    }
+
+    pub(crate) fn note_absorbed(&mut self) {
+        self.report.absorbed += 1;
+    }
+
+    /// Rewrites one planned Conv into reduced Conv + ghost stage + Concat.
+    fn ghost_conv(&mut self, node: &NodeProto, conv: &ConvInfo, layer: &LayerPlan) -> Result<()> {
+        let index = self.index;
+        let w_t = index.constant(&conv.weight).context("weights are not constant")?;
+        let w = onnx::tensor_f32(w_t)?;
+        let dim = w.len() / conv.c_out;
+        let bias = match &conv.bias {
+            Some(b) => Some(onnx::tensor_f32(index.constant(b).context("bias is not constant")?)?),
+            None => None,
+        };
+        let kept = &layer.intrinsic;
+        if kept.len() % conv.group != 0 {
+            bail!("{} intrinsic filters do not divide into {} groups", kept.len(), conv.group);
+        }
+        let mut w_red: Vec<f32> = Vec::with_capacity(kept.len() * dim);
+        for &c in kept {
+            w_red.extend_from_slice(&w[c * dim..(c + 1) * dim]);
+        }
+        let mut w_dims = w_t.dims.clone();
+        w_dims[0] = kept.len() as i64;
+
+        // The input may itself be permuted by an earlier ghost layer: absorb it if we can.
+        let (x, w_red) = channel_order::conv_input(self, node, &w_red, &w_dims, conv.group)?;
+        let out = &conv.output;
+        let w_name = self.add_init(&format!("{out}/ghostsr_weight"), onnx::f32_tensor("", &w_dims, &w_red));
+        let mut inputs = vec![x, w_name];
+        if let Some(b) = &bias {
+            let b_red: Vec<f32> = kept.iter().map(|&c| b[c]).collect();
+            inputs.push(self.add_init(&format!("{out}/ghostsr_bias"), onnx::f32_tensor("", &[kept.len() as i64], &b_red)));
+        }
+        let intr = self.fresh(&format!("{out}/ghostsr_intrinsic"));
+        let mut reduced = node.clone();
+        reduced.name = Some(self.fresh(&format!("{}/ghostsr_reduced", node.name.as_deref().unwrap_or(out))));
+        reduced.input = inputs;
+        reduced.output = vec![intr.clone()];
+        self.nodes.push(reduced);
+        self.annotate(&intr, Some(kept.len()));
+
+        let pos: HashMap<usize, usize> = kept.iter().enumerate().map(|(j, &c)| (c, j)).collect();
+        let ghosts = layer.ghosts_by_channel();
+        let sources: Vec<i64> = ghosts.iter().map(|g| pos[&g.source] as i64).collect();
+        let ghost_out = self.fresh(&format!("{out}/ghostsr_ghosts"));
+        match self.mode {
+            EmitMode::Plugin => {
+                let mut attrs = vec![
+                    onnx::attr_ints_of("sources", sources),
+                    onnx::attr_ints_of("shifts", ghosts.iter().flat_map(|g| g.shift).collect()),
+                ];
+                if ghosts.iter().any(|g| g.scale.is_some_and(|s| s != 1.0)) {
+                    attrs.push(onnx::attr_floats_of("scales", ghosts.iter().map(|g| g.scale()).collect()));
+                }
+                if ghosts.iter().any(|g| g.bias.is_some_and(|b| b != 0.0)) {
+                    attrs.push(onnx::attr_floats_of("biases", ghosts.iter().map(|g| g.bias()).collect()));
+                }
+                let name = self.fresh(&format!("{out}/ghostsr_shift"));
+                let mut n = onnx::node(GHOST_OP, &name, &[&intr], &[&ghost_out], attrs);
+                n.domain = Some(GHOST_DOMAIN.into());
+                self.nodes.push(n);
+            }
+            EmitMode::Standard => {
+                // Gather the sources, then a depthwise Conv whose one-hot kernel moves each
+                // channel by (dy, dx): with padding m, out[h,w] = sum K[i,j] x[h+i-m, w+j-m],
+                // so the tap at (m-dy, m-dx) reads x[h-dy, w-dx].
+                let idx = self.add_init(
+                    &format!("{out}/ghostsr_source_index"),
+                    onnx::i64_tensor("", &[sources.len() as i64], &sources),
+                );
+                let gathered = self.fresh(&format!("{out}/ghostsr_sources"));
+                let gname = self.fresh(&format!("{out}/ghostsr_gather_sources"));
+                self.nodes.push(onnx::node("Gather", &gname, &[&intr, &idx], &[&gathered], vec![onnx::attr_int("axis", 1)]));
+                self.annotate(&gathered, Some(ghosts.len()));
+                let m = ghosts.iter().flat_map(|g| g.shift).map(i64::abs).max().unwrap_or(0);
+                let k = (2 * m + 1) as usize;
+                let mut kern = vec![0.0f32; ghosts.len() * k * k];
+                for (gi, g) in ghosts.iter().enumerate() {
+                    let (i, j) = ((m - g.shift[0]) as usize, (m - g.shift[1]) as usize);
+                    kern[gi * k * k + i * k + j] = g.scale();
+                }
+                let c_g = ghosts.len() as i64;
+                let kname = self.add_init(
+                    &format!("{out}/ghostsr_shift_kernel"),
+                    onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern),
+                );
+                let mut ins = vec![gathered.clone(), kname];
+                if ghosts.iter().any(|g| g.bias() != 0.0) {
+                    let b: Vec<f32> = ghosts.iter().map(|g| g.bias()).collect();
+                    ins.push(self.add_init(&format!("{out}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)));
+                }
+                let name = self.fresh(&format!("{out}/ghostsr_shift"));
+                let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
+                self.nodes.push(onnx::node(
+                    "Conv",
+                    &name,
+                    &ins_ref,
+                    &[&ghost_out],
+                    vec![
+                        onnx::attr_int("group", c_g),
+                        onnx::attr_ints_of("kernel_shape", vec![k as i64, k as i64]),
+                        onnx::attr_ints_of("pads", vec![m, m, m, m]),
+                        onnx::attr_ints_of("strides", vec![1, 1]),
+                        onnx::attr_ints_of("dilations", vec![1, 1]),
+                    ],
+                ));
+            }
+        }
+        self.annotate(&ghost_out, Some(ghosts.len()));
+        let order: Perm = Rc::new(layer.emitted_order());
+        let stored = self.set_layout(out, Some(order));
+        let name = self.fresh(&format!("{out}/ghostsr_concat"));
+        self.nodes.push(onnx::node("Concat", &name, &[&intr, &ghost_out], &[&stored], vec![onnx::attr_int("axis", 1)]));
+        self.report.layers_rewritten += 1;
+        Ok(())
+    }
+}
+
+pub(crate) fn is_identity(p: &[usize]) -> bool {
+    p.iter().enumerate().all(|(i, &v)| i == v)
+}
+
+pub(crate) fn inverse(p: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; p.len()];
+    for (j, &c) in p.iter().enumerate() {
+        inv[c] = j;
+    }
+    inv
+}
