@@ -14,5 +14,7 @@ pub mod emit;
 pub mod graph;
 pub mod model;
 pub mod onnx;
+pub mod ops;
 pub mod plan;
+pub mod plugin;
 pub mod report;
