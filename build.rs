@@ -6,7 +6,8 @@ use std::env;
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
-    let protoc = protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored has no protoc for this host");
+    let protoc = protoc_bin_vendored::protoc_bin_path()
+        .expect("protoc-bin-vendored has no protoc for this host");
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC from the environment.
     unsafe { env::set_var("PROTOC", protoc) };
     let mut config = prost_build::Config::new();
@@ -23,13 +24,47 @@ fn main() {
     }
 }
 
+/// CUDA toolkit location: `GHOSTSR_CUDA_HOME` (a directory with `bin/nvcc`, `include/`, `lib/`
+/// or `lib64/`, e.g. the pip wheels' `.venv-cuda/lib/python3.11/site-packages/nvidia/cu13`), else
+/// `CUDA_HOME`/`CUDA_PATH`; without any, `nvcc` from `PATH` (or `NVCC`) and the linker's defaults.
 fn build_cuda() {
     println!("cargo:rerun-if-changed=cuda_ops");
-    println!("cargo:rerun-if-env-changed=NVCC");
+    for var in ["NVCC", "GHOSTSR_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
     let mut build = cc::Build::new();
-    build.cuda(true).cudart("static");
+    // No `-G` (device debug info disables device optimisation); line info is enough.
+    build
+        .cuda(true)
+        .cudart("static")
+        .debug(false)
+        .flag("-lineinfo");
+    let home = ["GHOSTSR_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .find_map(env::var_os)
+        .map(std::path::PathBuf::from);
+    if let Some(home) = home {
+        if env::var_os("NVCC").is_none() {
+            // cc picks the CUDA compiler from NVCC (and then wraps host flags for it).
+            // SAFETY: build scripts are single-threaded.
+            unsafe { env::set_var("NVCC", home.join("bin").join("nvcc")) };
+        }
+        build.include(home.join("include"));
+        for lib in ["lib64", "lib"] {
+            let dir = home.join(lib);
+            if dir.is_dir() {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+            }
+        }
+    }
+    // The static CUDA runtime needs these system libraries.
+    for lib in ["rt", "dl", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
     for arch in ["80", "90"] {
-        build.flag("-gencode").flag(format!("arch=compute_{arch},code=sm_{arch}"));
+        build
+            .flag("-gencode")
+            .flag(format!("arch=compute_{arch},code=sm_{arch}"));
     }
     if let Ok(entries) = std::fs::read_dir("cuda_ops") {
         for e in entries.flatten() {

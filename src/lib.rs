@@ -15,5 +15,7 @@ pub mod generate;
 pub mod graph;
 pub mod model;
 pub mod onnx;
+pub mod ops;
 pub mod plan;
+pub mod plugin;
 pub mod report;

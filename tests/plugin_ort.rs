@@ -1,0 +1,206 @@
+//! Loads the GhostShift plugin (`libghostsr.so`) into ONNX Runtime through the `ort` crate
+//! (`SessionBuilder::with_operator_library`) and compares its output with the CPU kernel of
+//! `ghostsr::ops`; one bad-attribute case checks the error names GhostShift.
+//!
+//! Needs the ONNX Runtime shared library: set `ORT_DYLIB_PATH`, e.g.
+//! `ORT_DYLIB_PATH=/work/main/.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1`.
+//! The test fails (it does not skip) without it.
+//!
+//! The plugin is the cdylib cargo builds alongside the rlib for this test run:
+//! `target/<profile>/libghostsr.so`, found from the test executable
+//! (`target/<profile>/deps/plugin_ort-*`); `GHOSTSR_PLUGIN` overrides the path.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ghostsr::onnx::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
+    TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_shape_proto, type_proto,
+};
+use ghostsr::ops::{GHOST_SHIFT, GhostShiftAttrs, ghost_shift::reference};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
+use prost::Message;
+
+/// The ONNX Runtime environment, loaded once from `ORT_DYLIB_PATH`.
+fn env() -> &'static Environment {
+    static ENV: OnceLock<Environment> = OnceLock::new();
+    ENV.get_or_init(load_ort)
+}
+
+fn load_ort() -> Environment {
+    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        panic!(
+            "ORT_DYLIB_PATH is not set: point it at ONNX Runtime's shared library, e.g. \
+             ORT_DYLIB_PATH=/work/main/.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 cargo test --test plugin_ort"
+        )
+    });
+    assert!(
+        std::path::Path::new(&path).is_file(),
+        "ORT_DYLIB_PATH={path} is not a file"
+    );
+    ort::init_from(&path)
+        .expect("loading ONNX Runtime from ORT_DYLIB_PATH")
+        .build()
+        .expect("creating the ONNX Runtime environment")
+}
+
+fn plugin_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("GHOSTSR_PLUGIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/plugin_ort-<hash> -> target/<profile>/libghostsr.so
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let p = profile_dir.join("libghostsr.so");
+    assert!(
+        p.is_file(),
+        "{} not found: cargo builds it with the lib (crate-type cdylib); or set GHOSTSR_PLUGIN",
+        p.display()
+    );
+    p
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn floats(name: &str, v: &[f32]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Floats as i32),
+        floats: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(tensor_shape_proto::dimension::Value::DimParam((*d).into())),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One GhostShift node `X -> Y` (float), as ONNX bytes.
+fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
+    let mut attribute = vec![
+        ints("sources", &attrs.sources),
+        ints("shifts", &attrs.flat_shifts()),
+    ];
+    if let Some(s) = &attrs.scales {
+        attribute.push(floats("scales", s));
+    }
+    if let Some(b) = &attrs.biases {
+        attribute.push(floats("biases", b));
+    }
+    let node = NodeProto {
+        input: vec!["X".into()],
+        output: vec!["Y".into()],
+        op_type: Some(GHOST_SHIFT.name_str().into()),
+        domain: Some(GHOST_SHIFT.domain_str().into()),
+        attribute,
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![node],
+        name: Some("ghost_shift_test".into()),
+        input: vec![value_info("X", &["N", "C", "H", "W"])],
+        output: vec![value_info("Y", &["N", "G", "H", "W"])],
+        ..Default::default()
+    };
+    let opset = |domain: &str, version| OperatorSetIdProto {
+        domain: Some(domain.into()),
+        version: Some(version),
+    };
+    ModelProto {
+        ir_version: Some(9),
+        opset_import: vec![
+            opset("", 17),
+            opset(GHOST_SHIFT.domain_str(), GHOST_SHIFT.version),
+        ],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn session(attrs: &GhostShiftAttrs) -> ort::Result<Session> {
+    Session::builder(env())?
+        .with_operator_library(plugin_path())?
+        .commit_from_memory(&model_bytes(attrs))
+}
+
+#[test]
+fn plugin_matches_cpu_kernel() {
+    let attrs = GhostShiftAttrs {
+        sources: vec![0, 2, 2, 1, 0],
+        shifts: vec![(1, 0), (0, -1), (-3, 3), (2, 2), (0, 0)],
+        scales: Some(vec![1.0, 0.5, -1.25, 2.0, 1.0]),
+        biases: Some(vec![0.0, 0.1, -0.3, 0.0, 0.25]),
+    };
+    let dims = [2usize, 3, 9, 11];
+    let x: Vec<f32> = (0..dims.iter().product::<usize>())
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+        .collect();
+    let want = reference(&attrs, &x, dims).expect("reference");
+    let mut kernel = vec![0.0f32; want.len()];
+    attrs.run(&x, dims, &mut kernel).expect("cpu kernel");
+    assert_eq!(kernel, want);
+
+    let mut sess = session(&attrs).expect("session with the plugin");
+    let input = Tensor::from_array((dims.map(|d| d as i64), x)).expect("input tensor");
+    let outputs = sess.run(ort::inputs!["X" => input]).expect("run");
+    let (shape, y) = outputs["Y"]
+        .try_extract_tensor::<f32>()
+        .expect("f32 output");
+    assert_eq!(&**shape, &[2, 5, 9, 11]);
+    assert_eq!(y, &want[..]);
+}
+
+#[test]
+fn bad_attributes_name_ghostshift() {
+    let attrs = GhostShiftAttrs {
+        sources: vec![0, 1],
+        shifts: vec![(0, 0), (1, 1)],
+        scales: Some(vec![1.0]),
+        biases: None,
+    };
+    let err = match session(&attrs) {
+        Err(e) => e.to_string(),
+        Ok(mut sess) => {
+            let input =
+                Tensor::from_array(([1i64, 2, 3, 3], vec![0.0f32; 18])).expect("input tensor");
+            match sess.run(ort::inputs!["X" => input]) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("a 'scales' of the wrong length was accepted"),
+            }
+        }
+    };
+    assert!(
+        err.contains("GhostShift") && err.contains("'scales'"),
+        "{err}"
+    );
+}
