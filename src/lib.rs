@@ -16,3 +16,4 @@ pub mod model;
 pub mod onnx;
 pub mod plan;
 pub mod report;
+pub mod runner;
