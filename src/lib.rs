@@ -19,3 +19,4 @@ pub mod ops;
 pub mod plan;
 pub mod plugin;
 pub mod report;
+pub mod runner;

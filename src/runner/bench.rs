@@ -1,0 +1,253 @@
+//! The `bench` verb: time an original model and its ghost version in one process, on the same
+//! input, with interleaved runs after a warm-up, and report median and p10/p90 latencies and
+//! the ghost/original ratio of the medians.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use ort::value::TensorRef;
+use serde::Serialize;
+
+use super::session::{Provider, SessionConfig, ort_err};
+use super::sr::{Channels, SrModel};
+
+/// Compare the inference latency of an original SR model and its ghost version.
+///
+/// Both models are loaded in one process and, after a warm-up, run alternately on the same
+/// input; the report gives the median and p10/p90 latency of each and the ghost/original ratio
+/// of the medians.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The original model (.onnx).
+    pub orig: PathBuf,
+    /// The ghost model (.onnx).
+    pub ghost: PathBuf,
+    /// Model-input size HxW (the LR size, or the HR size for pre-upsampled models).
+    #[arg(long, default_value = "128x128", value_parser = parse_size)]
+    pub size: (usize, usize),
+    /// ONNX Runtime intra-op threads (0: one per physical core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Execution provider.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub provider: Provider,
+    /// Timed runs per model.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Untimed warm-up runs per model.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// GhostShift plugin library (default: libghostsr.so next to this executable, then
+    /// target/release/libghostsr.so); loaded automatically for models in the ai.ghostsr domain.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `HxW` (or a single number for a square).
+pub fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("bad size {s:?}: {e}"))
+    };
+    let (h, w) = match s.split_once(['x', 'X']) {
+        Some((h, w)) => (parse(h)?, parse(w)?),
+        None => (parse(s)?, parse(s)?),
+    };
+    if h == 0 || w == 0 {
+        return Err(format!("bad size {s:?}: zero dimension"));
+    }
+    Ok((h, w))
+}
+
+/// Latency statistics of one model, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub model: String,
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    pub min_ms: f64,
+}
+
+/// The result of a benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub orig: Timing,
+    pub ghost: Timing,
+    /// ghost median / orig median.
+    pub ratio: f64,
+    pub size: [usize; 2],
+    pub threads: usize,
+    pub provider: Provider,
+    pub runs: usize,
+    pub warmup: usize,
+}
+
+/// The `q` quantile (0..1) of sorted values, linearly interpolated.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+fn timing(model: &Path, mut ms: Vec<f64>) -> Timing {
+    ms.sort_by(f64::total_cmp);
+    Timing {
+        model: model.display().to_string(),
+        median_ms: quantile(&ms, 0.5),
+        p10_ms: quantile(&ms, 0.1),
+        p90_ms: quantile(&ms, 0.9),
+        min_ms: ms.first().copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// A smooth, image-like input in [0, 1] (uniform noise makes some models, e.g. PAN, explode).
+fn input_data(c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(c * h * w);
+    for ch in 0..c {
+        for y in 0..h {
+            for x in 0..w {
+                let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
+                let t = 0.5
+                    + 0.25 * (6.0 * fx + 2.0 * ch as f32).sin() * (4.0 * fy).cos()
+                    + 0.1 * (40.0 * fx * fy).sin();
+                v.push(t.clamp(0.0, 1.0));
+            }
+        }
+    }
+    v
+}
+
+fn time_once(model: &mut SrModel, shape: [usize; 4], data: &[f32]) -> Result<f64> {
+    let input = TensorRef::from_array_view((shape, data)).map_err(ort_err)?;
+    let t0 = Instant::now();
+    let out = model
+        .session_mut()
+        .run(ort::inputs![input])
+        .map_err(ort_err)?;
+    drop(out);
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Benchmarks `orig` against `ghost` (see [`BenchArgs`]).
+pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let cfg = SessionConfig {
+        threads: args.threads,
+        plugin: args.plugin.clone(),
+        provider: args.provider,
+    };
+    let mut orig = SrModel::open(&args.orig, &cfg)?;
+    let mut ghost = SrModel::open(&args.ghost, &cfg)?;
+    if orig.kind() != ghost.kind() {
+        bail!(
+            "the models differ in kind: {} is {:?}, {} is {:?}",
+            args.orig.display(),
+            orig.kind(),
+            args.ghost.display(),
+            ghost.kind()
+        );
+    }
+    let c = if orig.kind().channels == Channels::Rgb {
+        3
+    } else {
+        1
+    };
+    let (h, w) = args.size;
+    let shape = [1, c, h, w];
+    let data = input_data(c, h, w);
+    for _ in 0..args.warmup {
+        time_once(&mut orig, shape, &data)
+            .with_context(|| format!("running {}", args.orig.display()))?;
+        time_once(&mut ghost, shape, &data)
+            .with_context(|| format!("running {}", args.ghost.display()))?;
+    }
+    let (mut to, mut tg) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        // Alternate which model goes first so neither always runs on a warmer cache.
+        if i % 2 == 0 {
+            to.push(time_once(&mut orig, shape, &data)?);
+            tg.push(time_once(&mut ghost, shape, &data)?);
+        } else {
+            tg.push(time_once(&mut ghost, shape, &data)?);
+            to.push(time_once(&mut orig, shape, &data)?);
+        }
+    }
+    let (o, g) = (timing(&args.orig, to), timing(&args.ghost, tg));
+    Ok(BenchReport {
+        ratio: g.median_ms / o.median_ms,
+        orig: o,
+        ghost: g,
+        size: [h, w],
+        threads: args.threads,
+        provider: args.provider,
+        runs: args.runs,
+        warmup: args.warmup,
+    })
+}
+
+/// Runs the `bench` verb.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let r = bench(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "input {}x{}, {:?}, threads {}, {} runs after {} warm-up",
+        r.size[0], r.size[1], r.provider, r.threads, r.runs, r.warmup
+    );
+    for (label, t) in [("orig", &r.orig), ("ghost", &r.ghost)] {
+        println!(
+            "{label:<6} median {:9.3} ms  p10 {:9.3}  p90 {:9.3}  ({})",
+            t.median_ms, t.p10_ms, t.p90_ms, t.model
+        );
+    }
+    println!("ghost/orig median ratio: {:.3}", r.ratio);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_quantiles() {
+        assert_eq!(parse_size("128x96"), Ok((128, 96)));
+        assert_eq!(parse_size("64"), Ok((64, 64)));
+        assert!(parse_size("0x4").is_err() && parse_size("ax4").is_err());
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert!((quantile(&v, 0.1) - 1.4).abs() < 1e-12);
+        assert!((quantile(&v, 0.9) - 4.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bench_runs_on_tiny_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+        std::fs::write(&a, crate::runner::sr::tests::tiny_model(3, 2)).unwrap();
+        std::fs::write(&b, crate::runner::sr::tests::tiny_model(3, 2)).unwrap();
+        let args = BenchArgs {
+            orig: a,
+            ghost: b,
+            size: (16, 16),
+            threads: 1,
+            provider: Provider::Cpu,
+            runs: 3,
+            warmup: 1,
+            plugin: None,
+            json: true,
+        };
+        let r = bench(&args).unwrap();
+        assert!(r.ratio > 0.0 && r.orig.p10_ms <= r.orig.p90_ms);
+    }
+}

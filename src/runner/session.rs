@@ -1,0 +1,270 @@
+//! ONNX Runtime sessions: the runtime is loaded once from `ORT_DYLIB_PATH`; every session gets
+//! a thread count, flush-to-zero/denormals-as-zero, an execution provider, and the GhostShift
+//! plugin (`libghostsr.so`) whenever the model's `opset_import` declares the `ai.ghostsr` domain.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, anyhow, bail};
+use ort::AsPointer;
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::SessionBuilder;
+use prost::Message;
+
+use crate::onnx::ModelProto;
+
+/// Environment variable naming the ONNX Runtime shared library.
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// The custom-op domain of the GhostShift operator.
+pub const GHOST_DOMAIN: &str = "ai.ghostsr";
+
+/// File name of the GhostShift plugin (the crate's cdylib).
+pub const PLUGIN_FILE: &str = "libghostsr.so";
+
+/// Which execution provider runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// ONNX Runtime's default CPU execution provider.
+    #[default]
+    Cpu,
+    /// CUDAExecutionProvider (needs an onnxruntime-gpu build of the library).
+    Cuda,
+}
+
+/// How to build a session.
+#[derive(Clone, Debug, Default)]
+pub struct SessionConfig {
+    /// Intra-op threads; 0 leaves ONNX Runtime's default (one per physical core).
+    pub threads: usize,
+    /// Explicit GhostShift plugin path; loaded even when the model does not declare the domain.
+    pub plugin: Option<PathBuf>,
+    /// Execution provider.
+    pub provider: Provider,
+}
+
+/// Turns an `ort` error (whose recovery payload may not be `Send`) into an anyhow error.
+pub(crate) fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
+    anyhow!("ONNX Runtime: {}", e.message())
+}
+
+/// The process-wide ONNX Runtime environment, loading the library from `ORT_DYLIB_PATH` on the
+/// first call.
+pub fn environment() -> Result<&'static Environment> {
+    static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| init_environment().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow!("{e}"))
+}
+
+fn init_environment() -> Result<Environment> {
+    const HINT: &str = "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1, e.g. from \
+        `pip install onnxruntime==1.31.1` (site-packages/onnxruntime/capi/)";
+    let path = match std::env::var_os(ORT_DYLIB_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => bail!("{ORT_DYLIB_ENV} is not set: {HINT}"),
+    };
+    if !path.is_file() {
+        bail!("{ORT_DYLIB_ENV}={} does not exist: {HINT}", path.display());
+    }
+    let builder = ort::init_from(&path)
+        .map_err(|e| anyhow!("loading ONNX Runtime from {}: {e}", path.display()))?;
+    builder
+        .with_name("ghostsr")
+        .build()
+        .map_err(ort_err)
+        .with_context(|| {
+            format!(
+                "creating the ONNX Runtime environment from {}",
+                path.display()
+            )
+        })
+}
+
+/// Whether the serialized model declares the GhostShift domain in its `opset_import`.
+pub fn declares_ghost_domain(model_bytes: &[u8]) -> Result<bool> {
+    let model = ModelProto::decode(model_bytes).context("decoding the ONNX ModelProto")?;
+    Ok(model
+        .opset_import
+        .iter()
+        .any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN)))
+}
+
+/// Candidate plugin paths, in search order: `explicit` alone when given, otherwise
+/// `libghostsr.so` next to the running executable, then `target/release/libghostsr.so`.
+pub fn plugin_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = explicit {
+        return vec![p.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        out.push(dir.join(PLUGIN_FILE));
+        // Test and example binaries live in target/<profile>/deps/.
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(up) = dir.parent()
+        {
+            out.push(up.join(PLUGIN_FILE));
+        }
+    }
+    out.push(Path::new("target/release").join(PLUGIN_FILE));
+    out
+}
+
+/// Finds the GhostShift plugin (see [`plugin_candidates`]); errors name every path tried.
+pub fn find_plugin(explicit: Option<&Path>) -> Result<PathBuf> {
+    let candidates = plugin_candidates(explicit);
+    if let Some(p) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    if explicit.is_some() {
+        bail!("GhostShift plugin not found at {}", tried.join(", "));
+    }
+    bail!(
+        "the model uses the {GHOST_DOMAIN} domain but the GhostShift plugin {PLUGIN_FILE} was not \
+         found (tried {}); build it with `cargo build --release` or pass --plugin PATH",
+        tried.join(", ")
+    )
+}
+
+/// Whether this ONNX Runtime build offers the named execution provider.
+pub fn provider_available(name: &str) -> Result<bool> {
+    let api = ort::api();
+    let mut list: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: GetAvailableProviders fills `list` with `n` C strings, released below.
+    unsafe {
+        ort::Error::result_from_status((api.GetAvailableProviders)(&mut list, &mut n))
+            .map_err(ort_err)?;
+    }
+    if list.is_null() {
+        return Ok(false);
+    }
+    let mut found = false;
+    for i in 0..n.max(0) as usize {
+        // SAFETY: i < n, each entry is a NUL-terminated string owned by ONNX Runtime.
+        let s = unsafe { std::ffi::CStr::from_ptr(*list.add(i)) };
+        found |= s.to_bytes() == name.as_bytes();
+    }
+    // SAFETY: releases exactly what GetAvailableProviders returned.
+    unsafe {
+        ort::Error::result_from_status((api.ReleaseAvailableProviders)(list, n))
+            .map_err(ort_err)?;
+    }
+    Ok(found)
+}
+
+fn append_cuda(builder: &mut SessionBuilder) -> Result<()> {
+    if !provider_available("CUDAExecutionProvider")? {
+        bail!(
+            "--provider cuda: this ONNX Runtime library has no CUDAExecutionProvider \
+             (point {ORT_DYLIB_ENV} at an onnxruntime-gpu build's libonnxruntime.so)"
+        );
+    }
+    let api = ort::api();
+    let mut opts: *mut ort_sys::OrtCUDAProviderOptionsV2 = std::ptr::null_mut();
+    // SAFETY: standard create/append/release sequence of the ONNX Runtime C API; the options
+    // are copied by SessionOptionsAppendExecutionProvider_CUDA_V2.
+    unsafe {
+        ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut opts))
+            .map_err(ort_err)?;
+        let status = (api.SessionOptionsAppendExecutionProvider_CUDA_V2)(builder.ptr_mut(), opts);
+        (api.ReleaseCUDAProviderOptions)(opts);
+        ort::Error::result_from_status(status)
+            .map_err(ort_err)
+            .context("enabling CUDAExecutionProvider")?;
+    }
+    Ok(())
+}
+
+/// Opens `model` as an ONNX Runtime session configured by `cfg`.
+pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
+    let env = environment()?;
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let needs_plugin = declares_ghost_domain(&bytes)
+        .with_context(|| format!("{} is not a valid ONNX model", model.display()))?;
+    let mut builder = Session::builder(env)
+        .map_err(ort_err)?
+        // session.set_denormal_as_zero = 1: flush-to-zero and denormals-are-zero on ORT's threads.
+        .with_flush_to_zero()
+        .map_err(ort_err)?;
+    if cfg.threads > 0 {
+        builder = builder.with_intra_threads(cfg.threads).map_err(ort_err)?;
+    }
+    if cfg.provider == Provider::Cuda {
+        append_cuda(&mut builder)?;
+    }
+    if needs_plugin || cfg.plugin.is_some() {
+        let plugin = find_plugin(cfg.plugin.as_deref())?;
+        builder = builder
+            .with_operator_library(&plugin)
+            .map_err(ort_err)
+            .with_context(|| format!("loading the GhostShift plugin {}", plugin.display()))?;
+    }
+    builder
+        .commit_from_file(model)
+        .map_err(ort_err)
+        .with_context(|| format!("loading {} into ONNX Runtime", model.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::OperatorSetIdProto;
+
+    fn model_with_domains(domains: &[&str]) -> Vec<u8> {
+        ModelProto {
+            ir_version: Some(8),
+            opset_import: domains
+                .iter()
+                .map(|d| OperatorSetIdProto {
+                    domain: Some(d.to_string()),
+                    version: Some(1),
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn detects_the_ghost_domain() {
+        assert!(!declares_ghost_domain(&model_with_domains(&[""])).unwrap());
+        assert!(declares_ghost_domain(&model_with_domains(&["", GHOST_DOMAIN])).unwrap());
+        assert!(declares_ghost_domain(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn plugin_search_order_and_errors() {
+        let explicit = Path::new("/nonexistent/libx.so");
+        assert_eq!(
+            plugin_candidates(Some(explicit)),
+            vec![explicit.to_path_buf()]
+        );
+        let c = plugin_candidates(None);
+        assert_eq!(
+            c.last().unwrap(),
+            &Path::new("target/release").join(PLUGIN_FILE)
+        );
+        let exe_dir = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(c[0], exe_dir.join(PLUGIN_FILE));
+        let e = format!("{:#}", find_plugin(Some(explicit)).unwrap_err());
+        assert!(e.contains("/nonexistent/libx.so"), "{e}");
+        if !c.iter().any(|p| p.is_file()) {
+            let e = format!("{:#}", find_plugin(None).unwrap_err());
+            assert!(
+                e.contains("cargo build --release") && e.contains("--plugin"),
+                "{e}"
+            );
+        }
+    }
+}
