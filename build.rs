@@ -6,15 +6,13 @@ use std::env;
 
 fn main() {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
-    let protoc = protoc_bin_vendored::protoc_bin_path()
-        .expect("protoc-bin-vendored has no protoc for this host");
+    let protoc =
+        protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored has no protoc for this host");
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC from the environment.
     unsafe { env::set_var("PROTOC", protoc) };
     let mut config = prost_build::Config::new();
     // Keep raw bytes as `Vec<u8>` (default): byte-identical round trips rely on it.
-    config
-        .compile_protos(&["proto/onnx.proto"], &["proto/"])
-        .expect("compiling proto/onnx.proto");
+    config.compile_protos(&["proto/onnx.proto"], &["proto/"]).expect("compiling proto/onnx.proto");
 
     // No linker version script is needed for the plugin: rustc already exports only the
     // `#[no_mangle] extern "C"` items of a cdylib (RegisterCustomOps); a test checks with nm.
@@ -34,11 +32,7 @@ fn build_cuda() {
     }
     let mut build = cc::Build::new();
     // No `-G` (device debug info disables device optimisation); line info is enough.
-    build
-        .cuda(true)
-        .cudart("static")
-        .debug(false)
-        .flag("-lineinfo");
+    build.cuda(true).cudart("static").debug(false).flag("-lineinfo");
     let home = ["GHOSTSR_CUDA_HOME", "CUDA_HOME", "CUDA_PATH"]
         .iter()
         .find_map(env::var_os)
@@ -62,9 +56,7 @@ fn build_cuda() {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
     for arch in ["80", "90"] {
-        build
-            .flag("-gencode")
-            .flag(format!("arch=compute_{arch},code=sm_{arch}"));
+        build.flag("-gencode").flag(format!("arch=compute_{arch},code=sm_{arch}"));
     }
     if let Ok(entries) = std::fs::read_dir("cuda_ops") {
         for e in entries.flatten() {

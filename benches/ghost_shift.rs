@@ -34,15 +34,9 @@ fn main() {
         let dims = [1, c, hw, hw];
         let x: Vec<f32> = (0..c * hw * hw).map(|i| (i % 977) as f32 * 0.01).collect();
         let sources: Vec<i64> = (0..c as i64).map(|g| (g * 7 + 3) % c as i64).collect();
-        let shifts: Vec<(i64, i64)> = (0..c as i64)
-            .map(|g| (g % 7 - 3, 3 - (g * 3) % 7))
-            .collect();
-        let plain = GhostShiftAttrs {
-            sources: sources.clone(),
-            shifts: shifts.clone(),
-            scales: None,
-            biases: None,
-        };
+        let shifts: Vec<(i64, i64)> = (0..c as i64).map(|g| (g % 7 - 3, 3 - (g * 3) % 7)).collect();
+        let plain =
+            GhostShiftAttrs { sources: sources.clone(), shifts: shifts.clone(), scales: None, biases: None };
         let affine = GhostShiftAttrs {
             sources,
             shifts,
@@ -51,16 +45,8 @@ fn main() {
         };
         let mut y = vec![0.0f32; x.len()];
         let bytes = (2 * y.len() * 4) as f64;
-        let t_plain = time(|| {
-            plain
-                .run(black_box(&x), dims, black_box(&mut y))
-                .expect("run")
-        });
-        let t_affine = time(|| {
-            affine
-                .run(black_box(&x), dims, black_box(&mut y))
-                .expect("run")
-        });
+        let t_plain = time(|| plain.run(black_box(&x), dims, black_box(&mut y)).expect("run"));
+        let t_affine = time(|| affine.run(black_box(&x), dims, black_box(&mut y)).expect("run"));
         let t_copy = time(|| black_box(&mut y).copy_from_slice(black_box(&x)));
         let gbs = |t: f64| bytes / t / 1e9;
         println!(

@@ -33,7 +33,13 @@ Typical use:
   ghostsr convert model.onnx -o model.ghost.onnx  plan and rewrite (needs the plugin to run)
   ghostsr convert model.onnx -o g.onnx --emit standard   standard ONNX ops only
   ghostsr plan model.onnx -o plan.json            write the plan (for a trainer, or to edit)
-  ghostsr convert model.onnx --plan plan.json -o model.ghost.onnx";
+  ghostsr convert model.onnx --plan plan.json -o model.ghost.onnx
+  ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
+  ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
+
+Running models needs ONNX Runtime 1.31.1: set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1
+(pip install onnxruntime==1.31.1; it is in site-packages/onnxruntime/capi/). Ghost models in
+plugin form load target/release/libghostsr.so automatically (--plugin PATH overrides).";
 
 #[derive(Parser, Debug)]
 #[command(name = "ghostsr", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -53,6 +59,12 @@ pub enum Command {
     /// Generate a synthetic SR network (EDSR, EDSR-baseline, RDN-, RCAN-style) with deterministic
     /// weights, for fixtures, tests and benchmarks.
     Generate(crate::generate::GenerateArgs),
+    /// Upscale an image (PNG/JPEG) with an SR model, original or ghost, in ONNX Runtime.
+    Upscale(crate::runner::upscale::UpscaleArgs),
+    /// PSNR/SSIM on Y of a model over a folder of HR images (the reference protocol).
+    Eval(crate::runner::eval::EvalArgs),
+    /// Time an original and a ghost model in one process, interleaved, and report the ratio.
+    Bench(crate::runner::bench::BenchArgs),
 }
 
 /// Which Convs are candidates.
@@ -96,6 +108,10 @@ pub struct PlanningArgs {
     /// Largest shift in pixels, per axis, a ghost may use.
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i64).range(0..=8))]
     pub max_shift: Option<i64>,
+    /// Lloyd iterations of k-means per layer, after a k-means++ start (default 5; more costs
+    /// conversion time and changes little).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub kmeans_iterations: Option<u64>,
 }
 
 impl PlanningArgs {
@@ -105,12 +121,15 @@ impl PlanningArgs {
             ratio: self.ratio.unwrap_or(d.ratio),
             seed: self.seed.unwrap_or(d.seed),
             max_shift: self.max_shift.unwrap_or(d.max_shift),
-            ..d
+            max_iterations: self.kmeans_iterations.unwrap_or(d.max_iterations),
         }
     }
 
     fn any_set(&self) -> bool {
-        self.ratio.is_some() || self.seed.is_some() || self.max_shift.is_some()
+        self.ratio.is_some()
+            || self.seed.is_some()
+            || self.max_shift.is_some()
+            || self.kmeans_iterations.is_some()
     }
 }
 
@@ -183,6 +202,9 @@ pub fn run() -> Result<()> {
         Command::Plan(a) => plan(&a),
         Command::Convert(a) => convert(&a),
         Command::Generate(a) => crate::generate::run(&a),
+        Command::Upscale(a) => crate::runner::upscale::run(a),
+        Command::Eval(a) => crate::runner::eval::run(a),
+        Command::Bench(a) => crate::runner::bench::run(a),
     }
 }
 
@@ -217,7 +239,12 @@ fn progress(label: &'static str) -> impl Fn(usize, usize, &str) + Sync {
     }
 }
 
-fn make_plan(m: &model::Model, index: &GraphIndex<'_>, analysis: &analysis::Analysis, p: &PlanningArgs) -> Result<Plan> {
+fn make_plan(
+    m: &model::Model,
+    index: &GraphIndex<'_>,
+    analysis: &analysis::Analysis,
+    p: &PlanningArgs,
+) -> Result<Plan> {
     if analysis.eligible().next().is_none() {
         bail!(
             "{}: no Conv is eligible for ghosting; run `ghostsr inspect {}` to see why each is skipped (--include NAME overrides the policy)",
@@ -278,7 +305,9 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut t = Timings::default();
     if a.plan.is_some() && a.planning.any_set() {
-        bail!("--plan applies a plan file as it is; --ratio, --seed and --max-shift only apply when ghostsr plans");
+        bail!(
+            "--plan applies a plan file as it is; --ratio, --seed, --max-shift and --kmeans-iterations only apply when ghostsr plans"
+        );
     }
     let mut protect: Vec<&Path> = vec![a.model.as_path()];
     if let Some(p) = &a.plan {
@@ -305,7 +334,8 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     let plan = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
-            plan.validate(&analysis).with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
+            plan.validate(&analysis)
+                .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             plan
         }
         None => make_plan(&m, &index, &analysis, &a.planning)?,

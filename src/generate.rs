@@ -116,14 +116,7 @@ impl GenSpec {
             Arch::Rdn => (4, 64),
             Arch::Rcan => (2, 64),
         };
-        GenSpec {
-            arch,
-            scale,
-            blocks,
-            channels,
-            seed: 0,
-            planted_ghosts: 0.0,
-        }
+        GenSpec { arch, scale, blocks, channels, seed: 0, planted_ghosts: 0.0 }
     }
 
     /// Checks that the spec describes a model [`generate`] can build.
@@ -141,10 +134,7 @@ impl GenSpec {
             bail!("rdn needs at least 2 channels (growth is channels/2)");
         }
         if !(0.0..1.0).contains(&self.planted_ghosts) {
-            bail!(
-                "planted ghosts must be a fraction in [0, 1), got {}",
-                self.planted_ghosts
-            );
+            bail!("planted ghosts must be a fraction in [0, 1), got {}", self.planted_ghosts);
         }
         Ok(())
     }
@@ -283,40 +273,19 @@ struct Init {
 
 impl Init {
     /// Conv followed by a ReLU.
-    const RELU: Init = Init {
-        gain: std::f32::consts::SQRT_2,
-        ghosts: false,
-    };
+    const RELU: Init = Init { gain: std::f32::consts::SQRT_2, ghosts: false };
     /// Conv with a linear output.
-    const LINEAR: Init = Init {
-        gain: 1.0,
-        ghosts: false,
-    };
+    const LINEAR: Init = Init { gain: 1.0, ghosts: false };
     /// Last conv of a residual branch: scaled down so deep stacks stay bounded.
-    const RESIDUAL: Init = Init {
-        gain: RESIDUAL_INIT_SCALE,
-        ghosts: false,
-    };
+    const RESIDUAL: Init = Init { gain: RESIDUAL_INIT_SCALE, ghosts: false };
 
     const fn ghosted(self) -> Init {
-        Init {
-            ghosts: true,
-            ..self
-        }
+        Init { ghosts: true, ..self }
     }
 }
 
 /// The 8 one-tap shifts (dy, dx) a planted ghost filter may use.
-const SHIFTS: [(isize, isize); 8] = [
-    (-1, -1),
-    (-1, 0),
-    (-1, 1),
-    (0, -1),
-    (0, 1),
-    (1, -1),
-    (1, 0),
-    (1, 1),
-];
+const SHIFTS: [(isize, isize); 8] = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)];
 
 /// A tiny append-only graph builder: nodes are added in topological order.
 struct Builder {
@@ -340,20 +309,11 @@ impl Builder {
 
     /// Reserves a tensor or node name; a clash is a bug in this module.
     fn claim(&mut self, name: &str) {
-        assert!(
-            self.names.insert(name.to_string()),
-            "duplicate name {name:?}"
-        );
+        assert!(self.names.insert(name.to_string()), "duplicate name {name:?}");
     }
 
     /// Adds node `{scope}/{op}` with output `{scope}/{op}_output_0`, returning the output name.
-    fn node(
-        &mut self,
-        scope: &str,
-        op: &str,
-        inputs: &[&str],
-        attribute: Vec<AttributeProto>,
-    ) -> String {
+    fn node(&mut self, scope: &str, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
         let name = format!("{scope}/{op}");
         let output = format!("{name}_output_0");
         self.claim(&name);
@@ -394,24 +354,12 @@ impl Builder {
 
     /// Adds a `cin -> cout`, `k x k` (stride 1, same padding) Conv with weights `{p}.weight` and
     /// `{p}.bias`, where `p` is `scope` with '/' as '.' (`/body/3/conv1` -> `body.3.conv1`).
-    fn conv(
-        &mut self,
-        scope: &str,
-        input: &str,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        init: Init,
-    ) -> String {
+    fn conv(&mut self, scope: &str, input: &str, cin: usize, cout: usize, k: usize, init: Init) -> String {
         let fan_in = cin * k * k;
         let bound = init.gain * (3.0 / fan_in as f32).sqrt();
         let bias_bound = 0.1 / (fan_in as f32).sqrt();
-        let mut w: Vec<f32> = (0..cout * fan_in)
-            .map(|_| self.rng.gen_range(-bound..bound))
-            .collect();
-        let mut bias: Vec<f32> = (0..cout)
-            .map(|_| self.rng.gen_range(-bias_bound..bias_bound))
-            .collect();
+        let mut w: Vec<f32> = (0..cout * fan_in).map(|_| self.rng.gen_range(-bound..bound)).collect();
+        let mut bias: Vec<f32> = (0..cout).map(|_| self.rng.gen_range(-bias_bound..bias_bound)).collect();
         if init.ghosts && k == 3 && self.planted_ghosts > 0.0 {
             self.plant_ghosts(&mut w, &mut bias, cout, cin, bound);
         }
@@ -442,14 +390,7 @@ impl Builder {
     /// is copied. The primary's taps that the shift would push out of the kernel are zeroed first,
     /// so the shift loses nothing: the ghost's output is the primary's output shifted,
     /// `g(y, x) = f(y + dy, x + dx)`, up to the noise and the image border.
-    fn plant_ghosts(
-        &mut self,
-        w: &mut [f32],
-        bias: &mut [f32],
-        cout: usize,
-        cin: usize,
-        bound: f32,
-    ) {
+    fn plant_ghosts(&mut self, w: &mut [f32], bias: &mut [f32], cout: usize, cin: usize, bound: f32) {
         let n_ghosts = ((self.planted_ghosts * cout as f32).floor() as usize).min(cout - 1);
         if n_ghosts == 0 {
             return;
@@ -502,10 +443,7 @@ impl Builder {
     /// Renames the last node's output to `output` and wraps everything in a ModelProto.
     fn finish(mut self, spec: &GenSpec, last: &str) -> ModelProto {
         let node = self.nodes.last_mut().expect("graph has nodes");
-        assert_eq!(
-            node.output[0], last,
-            "the last node must produce the output"
-        );
+        assert_eq!(node.output[0], last, "the last node must produce the output");
         node.output[0] = "output".to_string();
 
         let (n, h, w) = (dim_param("n"), dim_param("h"), dim_param("w"));
@@ -513,14 +451,8 @@ impl Builder {
             node: self.nodes,
             name: Some(spec.graph_name()),
             initializer: self.initializers,
-            input: vec![tensor_value_info(
-                "input",
-                vec![n.clone(), dim_value(3), h, w],
-            )],
-            output: vec![tensor_value_info(
-                "output",
-                vec![n, dim_value(3), dim_unknown(), dim_unknown()],
-            )],
+            input: vec![tensor_value_info("input", vec![n.clone(), dim_value(3), h, w])],
+            output: vec![tensor_value_info("output", vec![n, dim_value(3), dim_unknown(), dim_unknown()])],
             ..Default::default()
         };
         let meta = |k: &str, v: String| StringStringEntryProto {
@@ -529,10 +461,7 @@ impl Builder {
         };
         ModelProto {
             ir_version: Some(IR_VERSION),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(OPSET),
-            }],
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(OPSET) }],
             producer_name: Some(PRODUCER_NAME.to_string()),
             producer_version: Some(env!("CARGO_PKG_VERSION").to_string()),
             doc_string: Some(format!(
@@ -583,9 +512,7 @@ fn attr_str(name: &str, s: &str) -> AttributeProto {
 
 fn dim_param(p: &str) -> tensor_shape_proto::Dimension {
     tensor_shape_proto::Dimension {
-        value: Some(tensor_shape_proto::dimension::Value::DimParam(
-            p.to_string(),
-        )),
+        value: Some(tensor_shape_proto::dimension::Value::DimParam(p.to_string())),
         ..Default::default()
     }
 }
@@ -704,10 +631,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     spec.validate()?;
     let path = &args.output;
     if !args.force && path.exists() {
-        bail!(
-            "{} already exists; pass --force to overwrite it",
-            path.display()
-        );
+        bail!("{} already exists; pass --force to overwrite it", path.display());
     }
     let model = generate(&spec);
     let bytes = model.encode_to_vec();
@@ -734,9 +658,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
 
 /// Writes `bytes` to a temporary file in the directory of `path`, then renames it to `path`.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
+    let file_name =
+        path.file_name().with_context(|| format!("output path {} has no file name", path.display()))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".{}.tmp", std::process::id()));
@@ -754,12 +677,7 @@ mod tests {
     use super::*;
 
     fn small(arch: Arch, scale: u32) -> GenSpec {
-        GenSpec {
-            blocks: 2,
-            channels: 16,
-            seed: 7,
-            ..GenSpec::preset(arch, scale)
-        }
+        GenSpec { blocks: 2, channels: 16, seed: 7, ..GenSpec::preset(arch, scale) }
     }
 
     const ARCHS: [Arch; 4] = [Arch::Edsr, Arch::EdsrBaseline, Arch::Rdn, Arch::Rcan];
@@ -782,11 +700,7 @@ mod tests {
             let b = generate(&spec).encode_to_vec();
             assert_eq!(a, b, "{arch}");
             spec.seed += 1;
-            assert_ne!(
-                a,
-                generate(&spec).encode_to_vec(),
-                "{arch}: seed must matter"
-            );
+            assert_ne!(a, generate(&spec).encode_to_vec(), "{arch}: seed must matter");
         }
     }
 
@@ -827,10 +741,7 @@ mod tests {
                 let mut tensor_names: HashSet<&str> = HashSet::new();
                 for t in &g.initializer {
                     let n = t.name.as_deref().unwrap();
-                    assert!(
-                        tensor_names.insert(n),
-                        "{arch} x{scale}: duplicate tensor {n}"
-                    );
+                    assert!(tensor_names.insert(n), "{arch} x{scale}: duplicate tensor {n}");
                     available.insert(n);
                 }
                 assert_eq!(g.input.len(), 1);
@@ -839,10 +750,7 @@ mod tests {
                 let mut node_names = HashSet::new();
                 for node in &g.node {
                     let name = node.name.as_deref().unwrap();
-                    assert!(
-                        node_names.insert(name),
-                        "{arch} x{scale}: duplicate node {name}"
-                    );
+                    assert!(node_names.insert(name), "{arch} x{scale}: duplicate node {name}");
                     for i in &node.input {
                         assert!(
                             available.contains(i.as_str()),
@@ -850,20 +758,13 @@ mod tests {
                         );
                     }
                     for o in &node.output {
-                        assert!(
-                            tensor_names.insert(o),
-                            "{arch} x{scale}: duplicate tensor {o}"
-                        );
+                        assert!(tensor_names.insert(o), "{arch} x{scale}: duplicate tensor {o}");
                         available.insert(o);
                     }
                 }
                 assert_eq!(g.output[0].name.as_deref(), Some("output"));
                 assert!(available.contains("output"));
-                let d2s = g
-                    .node
-                    .iter()
-                    .filter(|n| n.op_type.as_deref() == Some("DepthToSpace"))
-                    .count();
+                let d2s = g.node.iter().filter(|n| n.op_type.as_deref() == Some("DepthToSpace")).count();
                 assert_eq!(d2s, if scale == 4 { 2 } else { 1 });
             }
         }
@@ -877,16 +778,10 @@ mod tests {
                 if node.op_type.as_deref() != Some("Conv") {
                     continue;
                 }
-                let mut names: Vec<&str> = node
-                    .attribute
-                    .iter()
-                    .map(|a| a.name.as_deref().unwrap())
-                    .collect();
+                let mut names: Vec<&str> =
+                    node.attribute.iter().map(|a| a.name.as_deref().unwrap()).collect();
                 names.sort_unstable();
-                assert_eq!(
-                    names,
-                    ["dilations", "group", "kernel_shape", "pads", "strides"]
-                );
+                assert_eq!(names, ["dilations", "group", "kernel_shape", "pads", "strides"]);
                 assert_eq!(node.input.len(), 3, "{:?}", node.name);
             }
         }
@@ -925,18 +820,14 @@ mod tests {
         };
         (0..cout)
             .filter(|&o| {
-                (0..cout)
-                    .any(|p| p != o && SHIFTS.iter().any(|&d| is_shift_of(filter(o), filter(p), d)))
+                (0..cout).any(|p| p != o && SHIFTS.iter().any(|&d| is_shift_of(filter(o), filter(p), d)))
             })
             .count()
     }
 
     #[test]
     fn generate_plants_shifted_ghost_filters() {
-        let spec = GenSpec {
-            planted_ghosts: 0.5,
-            ..small(Arch::EdsrBaseline, 2)
-        };
+        let spec = GenSpec { planted_ghosts: 0.5, ..small(Arch::EdsrBaseline, 2) };
         let planted = generate(&spec);
         // Ghosts are shifted primaries, and (their dropped taps being zero) primaries are
         // shifted ghosts too: at least every ghost, at most every filter, has a partner.
@@ -946,13 +837,7 @@ mod tests {
         assert_eq!(shifted_copies(&plain, "body.0.conv1.weight"), 0);
         // Planting changes values, not structure; 1x1 convs and the head are never planted.
         let names = |m: &ModelProto| -> Vec<String> {
-            m.graph
-                .as_ref()
-                .unwrap()
-                .initializer
-                .iter()
-                .map(|t| t.name.clone().unwrap())
-                .collect()
+            m.graph.as_ref().unwrap().initializer.iter().map(|t| t.name.clone().unwrap()).collect()
         };
         assert_eq!(names(&planted), names(&plain));
         let head = |m: &ModelProto| m.graph.as_ref().unwrap().initializer[0].clone();
@@ -971,18 +856,8 @@ mod tests {
     fn generate_spec_validation() {
         assert!(GenSpec::preset(Arch::Rcan, 3).validate().is_ok());
         assert!(GenSpec::preset(Arch::Edsr, 5).validate().is_err());
-        assert!(
-            GenSpec {
-                blocks: 0,
-                ..GenSpec::preset(Arch::Rdn, 2)
-            }
-            .validate()
-            .is_err()
-        );
-        let ghosts = |f| GenSpec {
-            planted_ghosts: f,
-            ..GenSpec::preset(Arch::Edsr, 2)
-        };
+        assert!(GenSpec { blocks: 0, ..GenSpec::preset(Arch::Rdn, 2) }.validate().is_err());
+        let ghosts = |f| GenSpec { planted_ghosts: f, ..GenSpec::preset(Arch::Edsr, 2) };
         assert!(ghosts(1.0).validate().is_err());
         assert!(ghosts(-0.1).validate().is_err());
         assert!(ghosts(f32::NAN).validate().is_err());
@@ -1026,14 +901,7 @@ mod tests {
         assert!(a.force);
         assert_eq!(
             a.spec(),
-            GenSpec {
-                arch: Arch::Rcan,
-                scale: 4,
-                blocks: 3,
-                channels: 32,
-                seed: 9,
-                planted_ghosts: 0.25
-            }
+            GenSpec { arch: Arch::Rcan, scale: 4, blocks: 3, channels: 32, seed: 9, planted_ghosts: 0.25 }
         );
         assert!(parse(&["edsr", "--scale", "5", "-o", "m.onnx"]).is_err());
         assert!(parse(&["edsr"]).is_err(), "the output path is required");
@@ -1043,16 +911,7 @@ mod tests {
     fn generate_run_refuses_to_overwrite_without_force() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.onnx");
-        let mut args = parse(&[
-            "edsr-baseline",
-            "--blocks",
-            "1",
-            "--channels",
-            "8",
-            "-o",
-            "x",
-        ])
-        .unwrap();
+        let mut args = parse(&["edsr-baseline", "--blocks", "1", "--channels", "8", "-o", "x"]).unwrap();
         args.output = path.clone();
         run(&args).unwrap();
         let first = std::fs::read(&path).unwrap();
@@ -1060,10 +919,7 @@ mod tests {
 
         args.seed = 1;
         let err = run(&args).unwrap_err().to_string();
-        assert!(
-            err.contains(&path.display().to_string()) && err.contains("--force"),
-            "{err}"
-        );
+        assert!(err.contains(&path.display().to_string()) && err.contains("--force"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), first);
 
         args.force = true;

@@ -6,8 +6,10 @@
 //! description of a rewrite (and the k-means planner that makes one); [`emit`] applies a plan to
 //! a model, in plugin form (`ai.ghostsr::GhostShift`) or in standard ONNX ops; [`report`] counts
 //! parameters and multiply-adds. [`ops`] declares the GhostShift op and its CPU kernel, and
-//! [`plugin`] registers it with ONNX Runtime. [`generate`] builds synthetic SR graphs for
-//! fixtures, tests and benchmarks. The CLI (`src/main.rs`, [`cli`]) only orchestrates.
+//! [`plugin`] registers it with ONNX Runtime (the cdylib `libghostsr.so`). [`runner`] runs models
+//! through the `ort` crate (upscale, eval with the reference PSNR protocol, bench).
+//! [`generate`] builds synthetic SR graphs for fixtures, tests and benchmarks. The CLI
+//! (`src/main.rs`, [`cli`]) only orchestrates.
 
 pub mod cli;
 pub mod emit;

@@ -37,7 +37,8 @@ impl Model {
 /// Reads and decodes an ONNX model, inlining any external data.
 pub fn load(path: &Path) -> Result<Model> {
     let bytes = fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
-    let mut proto = decode(&bytes).with_context(|| format!("{} is not a valid ONNX model", path.display()))?;
+    let mut proto =
+        decode(&bytes).with_context(|| format!("{} is not a valid ONNX model", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     if let Some(graph) = proto.graph.as_mut() {
         for t in graph.initializer.iter_mut() {
@@ -92,7 +93,9 @@ pub fn write_atomic(out: &Path, bytes: &[u8], opts: WriteOptions<'_>) -> Result<
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        bail!("cannot write {}: directory {} does not exist", out.display(), dir.display());
+        fs::create_dir_all(&dir).with_context(|| {
+            format!("cannot write {}: cannot create directory {}", out.display(), dir.display())
+        })?;
     }
     let file_name = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
@@ -112,10 +115,7 @@ pub fn write_atomic(out: &Path, bytes: &[u8], opts: WriteOptions<'_>) -> Result<
 pub fn check_output_path(out: &Path, opts: WriteOptions<'_>) -> Result<()> {
     for p in opts.protect {
         if same_file(out, p) {
-            bail!(
-                "refusing to write {}: it is the input file; choose another output path",
-                out.display()
-            );
+            bail!("refusing to write {}: it is the input file; choose another output path", out.display());
         }
     }
     if out.exists() && !opts.force {
@@ -163,7 +163,9 @@ fn inline_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
         let v = kv.value.clone().unwrap_or_default();
         match kv.key.as_deref() {
             Some("location") => location = Some(v),
-            Some("offset") => offset = v.parse().with_context(|| format!("tensor '{name}': bad offset {v:?}"))?,
+            Some("offset") => {
+                offset = v.parse().with_context(|| format!("tensor '{name}': bad offset {v:?}"))?
+            }
             Some("length") => {
                 length = Some(v.parse::<u64>().with_context(|| format!("tensor '{name}': bad length {v:?}"))?)
             }
@@ -175,7 +177,9 @@ fn inline_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
     };
     let rel = Path::new(&location);
     if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        bail!("tensor '{name}': external data location {location:?} must be a relative path inside the model's directory");
+        bail!(
+            "tensor '{name}': external data location {location:?} must be a relative path inside the model's directory"
+        );
     }
     let file = dir.join(rel);
     let data = fs::read(&file)
@@ -186,7 +190,11 @@ fn inline_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
         None => Some(data.len()),
     };
     let Some(end) = end.filter(|&e| e <= data.len() && start <= e) else {
-        bail!("tensor '{name}': external data range {start}..{end:?} is outside {} ({} bytes)", file.display(), data.len());
+        bail!(
+            "tensor '{name}': external data range {start}..{end:?} is outside {} ({} bytes)",
+            file.display(),
+            data.len()
+        );
     };
     t.raw_data = Some(data[start..end].to_vec());
     t.external_data.clear();

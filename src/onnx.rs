@@ -46,12 +46,21 @@ pub fn attr_floats_of(name: &str, v: Vec<f32>) -> AttributeProto {
 }
 
 pub fn attr_string(name: &str, v: &str) -> AttributeProto {
-    AttributeProto { s: Some(v.as_bytes().to_vec()), ..attr_base(name, attribute_proto::AttributeType::String) }
+    AttributeProto {
+        s: Some(v.as_bytes().to_vec()),
+        ..attr_base(name, attribute_proto::AttributeType::String)
+    }
 }
 
 /// A node with the given op type, name, inputs, outputs and attributes (default domain unless
 /// `domain` is set afterwards).
-pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
+pub fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
     NodeProto {
         op_type: Some(op.to_string()),
         name: Some(name.to_string()),
@@ -135,10 +144,8 @@ pub fn i64_tensor(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
 /// A float tensor value_info of rank 4 with a known channel count and unknown other dims.
 pub fn value_info_nchw(name: &str, dims: [Option<i64>; 4]) -> ValueInfoProto {
     use tensor_shape_proto::{Dimension, dimension::Value};
-    let dim = dims
-        .iter()
-        .map(|d| Dimension { value: d.map(Value::DimValue), ..Default::default() })
-        .collect();
+    let dim =
+        dims.iter().map(|d| Dimension { value: d.map(Value::DimValue), ..Default::default() }).collect();
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {

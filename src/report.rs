@@ -107,7 +107,12 @@ pub fn inspect(path: &str, model: &ModelProto, index: &GraphIndex<'_>, analysis:
     let opsets = model
         .opset_import
         .iter()
-        .map(|o| (o.domain.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "ai.onnx".into()), o.version.unwrap_or(0)))
+        .map(|o| {
+            (
+                o.domain.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "ai.onnx".into()),
+                o.version.unwrap_or(0),
+            )
+        })
         .collect();
     let convs: Vec<ConvRow> = analysis
         .convs
@@ -133,7 +138,11 @@ pub fn inspect(path: &str, model: &ModelProto, index: &GraphIndex<'_>, analysis:
         macs_per_pixel: total as f64 / in_px,
         macs_per_output_pixel: out_px.map(|p| total as f64 / p),
         convs_total: convs.len(),
-        convs_eligible: analysis.convs.iter().filter(|c| matches!(c.verdict, Verdict::Eligible { .. })).count(),
+        convs_eligible: analysis
+            .convs
+            .iter()
+            .filter(|c| matches!(c.verdict, Verdict::Eligible { .. }))
+            .count(),
         convs,
     }
 }

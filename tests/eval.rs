@@ -21,26 +21,15 @@ fn check(model: &str, want_psnr: f64) {
     );
     let model_path = shared().join("models").join(model);
     let images = shared().join("images/Set5");
-    assert!(
-        model_path.is_file(),
-        "missing test model {}",
-        model_path.display()
-    );
+    assert!(model_path.is_file(), "missing test model {}", model_path.display());
     assert!(images.is_dir(), "missing test images {}", images.display());
-    let cfg = SessionConfig {
-        threads: 2,
-        ..Default::default()
-    };
+    let cfg = SessionConfig { threads: 2, ..Default::default() };
     let r = evaluate(&model_path, &images, 2, &cfg, Tiling::NONE, 0, |_| {})
         .unwrap_or_else(|e| panic!("evaluating {model}: {e:#}"));
     assert_eq!(r.images, 5);
     assert_eq!(r.per_image.len(), 5);
     // Bicubic x2 on Set5: 33.67 dB in the README table.
-    assert!(
-        (r.psnr_y_bicubic - 33.67).abs() <= 0.02,
-        "bicubic PSNR {}",
-        r.psnr_y_bicubic
-    );
+    assert!((r.psnr_y_bicubic - 33.67).abs() <= 0.02, "bicubic PSNR {}", r.psnr_y_bicubic);
     assert!(
         (r.psnr_y - want_psnr).abs() <= 0.02,
         "{model}: PSNR-Y {:.3} dB, README says {want_psnr}",

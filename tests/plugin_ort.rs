@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ghostsr::onnx::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, attribute_proto::AttributeType, tensor_shape_proto, type_proto,
 };
 use ghostsr::ops::{GHOST_SHIFT, GhostShiftAttrs, ghost_shift::reference};
 use ort::environment::Environment;
@@ -36,10 +36,7 @@ fn load_ort() -> Environment {
              ORT_DYLIB_PATH=/work/main/.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 cargo test --test plugin_ort"
         )
     });
-    assert!(
-        std::path::Path::new(&path).is_file(),
-        "ORT_DYLIB_PATH={path} is not a file"
-    );
+    assert!(std::path::Path::new(&path).is_file(), "ORT_DYLIB_PATH={path} is not a file");
     ort::init_from(&path)
         .expect("loading ONNX Runtime from ORT_DYLIB_PATH")
         .build()
@@ -52,10 +49,7 @@ fn plugin_path() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/plugin_ort-<hash> -> target/<profile>/libghostsr.so
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let p = profile_dir.join("libghostsr.so");
     assert!(
         p.is_file(),
@@ -106,10 +100,7 @@ fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
 
 /// One GhostShift node `X -> Y` (float), as ONNX bytes.
 fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
-    let mut attribute = vec![
-        ints("sources", &attrs.sources),
-        ints("shifts", &attrs.flat_shifts()),
-    ];
+    let mut attribute = vec![ints("sources", &attrs.sources), ints("shifts", &attrs.flat_shifts())];
     if let Some(s) = &attrs.scales {
         attribute.push(floats("scales", s));
     }
@@ -131,16 +122,11 @@ fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
         output: vec![value_info("Y", &["N", "G", "H", "W"])],
         ..Default::default()
     };
-    let opset = |domain: &str, version| OperatorSetIdProto {
-        domain: Some(domain.into()),
-        version: Some(version),
-    };
+    let opset =
+        |domain: &str, version| OperatorSetIdProto { domain: Some(domain.into()), version: Some(version) };
     ModelProto {
         ir_version: Some(9),
-        opset_import: vec![
-            opset("", 17),
-            opset(GHOST_SHIFT.domain_str(), GHOST_SHIFT.version),
-        ],
+        opset_import: vec![opset("", 17), opset(GHOST_SHIFT.domain_str(), GHOST_SHIFT.version)],
         graph: Some(graph),
         ..Default::default()
     }
@@ -148,9 +134,7 @@ fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
 }
 
 fn session(attrs: &GhostShiftAttrs) -> ort::Result<Session> {
-    Session::builder(env())?
-        .with_operator_library(plugin_path())?
-        .commit_from_memory(&model_bytes(attrs))
+    Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(&model_bytes(attrs))
 }
 
 #[test]
@@ -162,9 +146,8 @@ fn plugin_matches_cpu_kernel() {
         biases: Some(vec![0.0, 0.1, -0.3, 0.0, 0.25]),
     };
     let dims = [2usize, 3, 9, 11];
-    let x: Vec<f32> = (0..dims.iter().product::<usize>())
-        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-        .collect();
+    let x: Vec<f32> =
+        (0..dims.iter().product::<usize>()).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
     let want = reference(&attrs, &x, dims).expect("reference");
     let mut kernel = vec![0.0f32; want.len()];
     attrs.run(&x, dims, &mut kernel).expect("cpu kernel");
@@ -173,9 +156,7 @@ fn plugin_matches_cpu_kernel() {
     let mut sess = session(&attrs).expect("session with the plugin");
     let input = Tensor::from_array((dims.map(|d| d as i64), x)).expect("input tensor");
     let outputs = sess.run(ort::inputs!["X" => input]).expect("run");
-    let (shape, y) = outputs["Y"]
-        .try_extract_tensor::<f32>()
-        .expect("f32 output");
+    let (shape, y) = outputs["Y"].try_extract_tensor::<f32>().expect("f32 output");
     assert_eq!(&**shape, &[2, 5, 9, 11]);
     assert_eq!(y, &want[..]);
 }
@@ -191,16 +172,12 @@ fn bad_attributes_name_ghostshift() {
     let err = match session(&attrs) {
         Err(e) => e.to_string(),
         Ok(mut sess) => {
-            let input =
-                Tensor::from_array(([1i64, 2, 3, 3], vec![0.0f32; 18])).expect("input tensor");
+            let input = Tensor::from_array(([1i64, 2, 3, 3], vec![0.0f32; 18])).expect("input tensor");
             match sess.run(ort::inputs!["X" => input]) {
                 Err(e) => e.to_string(),
                 Ok(_) => panic!("a 'scales' of the wrong length was accepted"),
             }
         }
     };
-    assert!(
-        err.contains("GhostShift") && err.contains("'scales'"),
-        "{err}"
-    );
+    assert!(err.contains("GhostShift") && err.contains("'scales'"), "{err}");
 }

@@ -16,10 +16,42 @@ use crate::onnx::{self, NodeProto};
 /// Ops that act on each channel independently and keep the channel axis: the layout passes
 /// through unchanged. Their extra inputs (Clip bounds, Resize scales) are not feature maps.
 const PER_CHANNEL: &[&str] = &[
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus",
-    "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf", "Gelu",
-    "Mish", "Identity", "Cast", "Clip", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxPool",
-    "AveragePool", "LpPool", "Resize", "Upsample", "Dropout",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Celu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "Softsign",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Erf",
+    "Gelu",
+    "Mish",
+    "Identity",
+    "Cast",
+    "Clip",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "MaxPool",
+    "AveragePool",
+    "LpPool",
+    "Resize",
+    "Upsample",
+    "Dropout",
 ];
 
 /// Broadcasting element-wise ops between feature maps and constants.
@@ -30,17 +62,22 @@ pub(super) fn carry(e: &mut Emitter<'_>, node: &NodeProto) -> Result<()> {
     let op = node.op_type();
     match op {
         "Conv" => {
-            let w = e.index().constant(&node.input[1]).and_then(|t| onnx::tensor_f32(t).ok().map(|v| (v, t.dims.clone())));
+            let w = e
+                .index()
+                .constant(&node.input[1])
+                .and_then(|t| onnx::tensor_f32(t).ok().map(|v| (v, t.dims.clone())));
             match w {
                 Some((w, dims)) if dims.len() == 4 => {
                     let group = onnx::attr_i(node, "group").unwrap_or(1).max(1) as usize;
+                    let perm = e.perm_of(&node.input[0]);
                     let (x, w2) = conv_input(e, node, &w, &dims, group)?;
                     let mut n = node.clone();
-                    n.input[0] = x;
-                    if w2 != w {
+                    if x != node.input[0] {
+                        let key = format!("input-permuted {} {:?}", node.input[1], perm);
                         let base = format!("{}/ghostsr_weight", node.output[0]);
-                        n.input[1] = e.new_constant(&base, onnx::f32_tensor("", &dims, &w2));
+                        n.input[1] = e.derived_constant(key, &base, || onnx::f32_tensor("", &dims, &w2));
                     }
+                    n.input[0] = x;
                     restore_rest(e, &mut n, 1, "Conv parameter");
                     e.push(n);
                 }
@@ -113,7 +150,10 @@ pub(super) fn conv_input(
 fn conv_transpose(e: &mut Emitter<'_>, node: &NodeProto) {
     let x = node.input[0].clone();
     let group = onnx::attr_i(node, "group").unwrap_or(1);
-    let w = e.index().constant(&node.input[1]).and_then(|t| onnx::tensor_f32(t).ok().map(|v| (v, t.dims.clone())));
+    let w = e
+        .index()
+        .constant(&node.input[1])
+        .and_then(|t| onnx::tensor_f32(t).ok().map(|v| (v, t.dims.clone())));
     match (e.perm_of(&x), w, group) {
         (Some(p), Some((w, dims)), 1) if dims.len() >= 3 && dims[0] as usize == p.len() => {
             // Weight [C_in, C_out, k...]: input channel j is row j.
@@ -125,7 +165,9 @@ fn conv_transpose(e: &mut Emitter<'_>, node: &NodeProto) {
             let mut n = node.clone();
             n.input[0] = e.stored(&x);
             e.note_absorbed();
-            n.input[1] = e.new_constant(&format!("{}/ghostsr_weight", node.output[0]), onnx::f32_tensor("", &dims, &w2));
+            let key = format!("input-permuted {} {:?}", node.input[1], p);
+            let base = format!("{}/ghostsr_weight", node.output[0]);
+            n.input[1] = e.derived_constant(key, &base, || onnx::f32_tensor("", &dims, &w2));
             restore_rest(e, &mut n, 1, "ConvTranspose parameter");
             e.push(n);
         }
@@ -203,7 +245,8 @@ fn elementwise(e: &mut Emitter<'_>, node: &NodeProto) {
         };
         roles.push(role);
     }
-    let members: Vec<&Option<Perm>> = roles.iter().filter_map(|r| if let Role::Member(p) = r { Some(p) } else { None }).collect();
+    let members: Vec<&Option<Perm>> =
+        roles.iter().filter_map(|r| if let Role::Member(p) = r { Some(p) } else { None }).collect();
     // One layout for all feature inputs: theirs if they agree, else the original order if any
     // input already has it (fewest Gathers), else the first input's.
     let target: Option<Perm> = if members.windows(2).all(|w| w[0] == w[1]) {
@@ -218,7 +261,13 @@ fn elementwise(e: &mut Emitter<'_>, node: &NodeProto) {
         let inp = node.input[k].clone();
         match role {
             Role::Invariant => {}
-            Role::Member(_) => n.input[k] = e.in_layout(&inp, target.as_ref(), "residual/element-wise operands differ in channel order"),
+            Role::Member(_) => {
+                n.input[k] = e.in_layout(
+                    &inp,
+                    target.as_ref(),
+                    "residual/element-wise operands differ in channel order",
+                )
+            }
             Role::PerChannel(axis) => {
                 if let Some(p) = &target {
                     n.input[k] = permute_constant(e, &inp, *axis, p);
@@ -250,7 +299,8 @@ fn permute_constant(e: &mut Emitter<'_>, name: &str, axis: usize, p: &Perm) -> S
         }
     }
     e.note_absorbed();
-    e.new_constant(&format!("{name}/ghostsr_permuted"), onnx::f32_tensor("", &dims, &out))
+    let key = format!("permuted {name} axis {axis} {p:?}");
+    e.derived_constant(key, &format!("{name}/ghostsr_permuted"), || onnx::f32_tensor("", &dims, &out))
 }
 
 /// BatchNormalization / InstanceNormalization: 1-D per-channel parameters follow the layout.
@@ -258,7 +308,9 @@ fn per_channel_params(e: &mut Emitter<'_>, node: &NodeProto) {
     let x = node.input[0].clone();
     let p = e.perm_of(&x);
     let c = p.as_ref().map(|p| p.len() as i64);
-    let params_ok = node.input[1..].iter().all(|i| e.index().constant(i).is_some_and(|t| t.dims.len() == 1 && Some(t.dims[0]) == c));
+    let params_ok = node.input[1..]
+        .iter()
+        .all(|i| e.index().constant(i).is_some_and(|t| t.dims.len() == 1 && Some(t.dims[0]) == c));
     let (Some(p), true, 1) = (p, params_ok, node.output.len()) else {
         e.emit_restored(node, "normalisation with run-time parameters");
         return;
@@ -339,10 +391,16 @@ fn reduce(e: &mut Emitter<'_>, node: &NodeProto) {
     let keep = onnx::attr_i(node, "keepdims").unwrap_or(1) == 1;
     let axes = onnx::attr_ints(node, "axes").or_else(|| {
         node.input.get(1).filter(|s| !s.is_empty()).and_then(|a| {
-            e.shapes().values.get(a).cloned().or_else(|| e.index().constant(a).and_then(|t| onnx::tensor_i64(t).ok()))
+            e.shapes()
+                .values
+                .get(a)
+                .cloned()
+                .or_else(|| e.index().constant(a).and_then(|t| onnx::tensor_i64(t).ok()))
         })
     });
-    let spatial_only = axes.as_ref().is_some_and(|a| !a.is_empty() && a.iter().all(|&v| (if v < 0 { v + rank } else { v }) >= 2));
+    let spatial_only = axes
+        .as_ref()
+        .is_some_and(|a| !a.is_empty() && a.iter().all(|&v| (if v < 0 { v + rank } else { v }) >= 2));
     if rank != 4 || !keep || !spatial_only {
         e.emit_restored(node, "reduction over channels");
         return;

@@ -24,11 +24,7 @@ use crate::graph::{GraphIndex, describe};
 use crate::onnx::{self, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
 use crate::plan::{LayerPlan, Plan};
 
-/// The custom op's domain and name (declared once for the emitter; the plugin has its own
-/// declaration of the same contract).
-pub const GHOST_DOMAIN: &str = "ai.ghostsr";
-pub const GHOST_OP: &str = "GhostShift";
-pub const GHOST_OP_VERSION: i64 = 1;
+use crate::ops::GHOST_SHIFT;
 
 /// How ghost channels are computed in the emitted graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -51,11 +47,17 @@ pub struct EmitReport {
 }
 
 /// Applies `plan` (already validated against `analysis`) to `model`.
-pub fn emit(model: &ModelProto, analysis: &Analysis, plan: &Plan, mode: EmitMode) -> Result<(ModelProto, EmitReport)> {
+pub fn emit(
+    model: &ModelProto,
+    analysis: &Analysis,
+    plan: &Plan,
+    mode: EmitMode,
+) -> Result<(ModelProto, EmitReport)> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let index = GraphIndex::new(graph)?;
     plan.validate(analysis)?;
-    let layers: HashMap<&str, &LayerPlan> = plan.active_layers().map(|l| (l.conv_output.as_str(), l)).collect();
+    let layers: HashMap<&str, &LayerPlan> =
+        plan.active_layers().map(|l| (l.conv_output.as_str(), l)).collect();
 
     let mut e = Emitter::new(&index, analysis, mode);
     for (i, node) in graph.node.iter().enumerate() {
@@ -65,7 +67,8 @@ pub fn emit(model: &ModelProto, analysis: &Analysis, plan: &Plan, mode: EmitMode
         };
         let res = match planned {
             Some(layer) => {
-                let conv = analysis.conv_by_output(&layer.conv_output).context("planned Conv not analysed")?;
+                let conv =
+                    analysis.conv_by_output(&layer.conv_output).context("planned Conv not analysed")?;
                 e.ghost_conv(node, conv, layer)
             }
             None => e.node(node),
@@ -92,16 +95,17 @@ pub fn emit(model: &ModelProto, analysis: &Analysis, plan: &Plan, mode: EmitMode
     g.value_info.retain(|v| v.name.as_ref().is_some_and(|n| produced.contains(n)));
     g.value_info.extend(value_info);
     if mode == EmitMode::Plugin
-        && g.node.iter().any(|n| n.domain.as_deref() == Some(GHOST_DOMAIN))
-        && !out.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN))
+        && g.node.iter().any(|n| n.domain.as_deref() == Some(GHOST_SHIFT.domain_str()))
+        && !out.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_SHIFT.domain_str()))
     {
         out.opset_import.push(OperatorSetIdProto {
-            domain: Some(GHOST_DOMAIN.into()),
-            version: Some(GHOST_OP_VERSION),
+            domain: Some(GHOST_SHIFT.domain_str().into()),
+            version: Some(GHOST_SHIFT.version),
         });
     }
     // Consistency check: every input defined before use, no tensor written twice.
-    GraphIndex::new(out.graph.as_ref().expect("graph")).context("internal error: the emitted graph is inconsistent")?;
+    GraphIndex::new(out.graph.as_ref().expect("graph"))
+        .context("internal error: the emitted graph is inconsistent")?;
     Ok((out, report))
 }
 
@@ -121,13 +125,17 @@ pub(crate) struct Emitter<'a> {
     restored: HashSet<String>,
     /// Converted layouts already materialised: (original name, perm) -> stored name.
     converted: HashMap<(String, Vec<usize>), String>,
+    /// Derived constants already emitted, keyed by what they were derived from, so Convs that
+    /// shared weights in the original still share them.
+    derived: HashMap<String, String>,
     names: HashSet<String>,
     report: EmitReport,
 }
 
 impl<'a> Emitter<'a> {
     fn new(index: &'a GraphIndex<'a>, analysis: &'a Analysis, mode: EmitMode) -> Self {
-        let mut names: HashSet<String> = index.graph.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+        let mut names: HashSet<String> =
+            index.graph.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
         names.extend(index.graph.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
         names.extend(index.graph.input.iter().filter_map(|v| v.name.clone()));
         names.extend(index.graph.node.iter().filter_map(|n| n.name.clone()));
@@ -141,6 +149,7 @@ impl<'a> Emitter<'a> {
             perms: HashMap::new(),
             restored: HashSet::new(),
             converted: HashMap::new(),
+            derived: HashMap::new(),
             names,
             report: EmitReport::default(),
         }
@@ -234,7 +243,10 @@ impl<'a> Emitter<'a> {
 
     fn gather(&mut self, input: &str, idx: &[usize], output: &str, why: &str, original: &str) {
         let idx64: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
-        let ind = self.add_init(&format!("{original}/ghostsr_order"), onnx::i64_tensor("", &[idx64.len() as i64], &idx64));
+        let ind = self.add_init(
+            &format!("{original}/ghostsr_order"),
+            onnx::i64_tensor("", &[idx64.len() as i64], &idx64),
+        );
         let name = self.fresh(&format!("{original}/ghostsr_gather"));
         let node = onnx::node("Gather", &name, &[input, &ind], &[output], vec![onnx::attr_int("axis", 1)]);
         self.nodes.push(node);
@@ -277,8 +289,20 @@ impl<'a> Emitter<'a> {
         self.index
     }
 
-    pub(crate) fn new_constant(&mut self, base: &str, t: TensorProto) -> String {
-        self.add_init(base, t)
+    /// A new initializer derived from others; `key` describes the derivation completely, and an
+    /// identical earlier derivation is reused instead of duplicated.
+    pub(crate) fn derived_constant(
+        &mut self,
+        key: String,
+        base: &str,
+        make: impl FnOnce() -> TensorProto,
+    ) -> String {
+        if let Some(name) = self.derived.get(&key) {
+            return name.clone();
+        }
+        let name = self.add_init(base, make());
+        self.derived.insert(key, name.clone());
+        name
     }
 
     pub(crate) fn note_absorbed(&mut self) {
@@ -307,13 +331,21 @@ impl<'a> Emitter<'a> {
         w_dims[0] = kept.len() as i64;
 
         // The input may itself be permuted by an earlier ghost layer: absorb it if we can.
+        let x_perm = self.perm_of(&node.input[0]);
         let (x, w_red) = channel_order::conv_input(self, node, &w_red, &w_dims, conv.group)?;
+        let absorbed = x != node.input[0];
         let out = &conv.output;
-        let w_name = self.add_init(&format!("{out}/ghostsr_weight"), onnx::f32_tensor("", &w_dims, &w_red));
+        let key = format!("reduced {} {kept:?} {:?}", conv.weight, x_perm.filter(|_| absorbed));
+        let w_name = self.derived_constant(key, &format!("{out}/ghostsr_weight"), || {
+            onnx::f32_tensor("", &w_dims, &w_red)
+        });
         let mut inputs = vec![x, w_name];
-        if let Some(b) = &bias {
+        if let (Some(b), Some(b_name)) = (&bias, &conv.bias) {
             let b_red: Vec<f32> = kept.iter().map(|&c| b[c]).collect();
-            inputs.push(self.add_init(&format!("{out}/ghostsr_bias"), onnx::f32_tensor("", &[kept.len() as i64], &b_red)));
+            let key = format!("reduced {b_name} {kept:?}");
+            inputs.push(self.derived_constant(key, &format!("{out}/ghostsr_bias"), || {
+                onnx::f32_tensor("", &[kept.len() as i64], &b_red)
+            }));
         }
         let intr = self.fresh(&format!("{out}/ghostsr_intrinsic"));
         let mut reduced = node.clone();
@@ -329,19 +361,27 @@ impl<'a> Emitter<'a> {
         let ghost_out = self.fresh(&format!("{out}/ghostsr_ghosts"));
         match self.mode {
             EmitMode::Plugin => {
+                let names = GHOST_SHIFT.attrs;
+                let attr = |c: &'static std::ffi::CStr| crate::ops::ghost_shift::cstr_str(c);
                 let mut attrs = vec![
-                    onnx::attr_ints_of("sources", sources),
-                    onnx::attr_ints_of("shifts", ghosts.iter().flat_map(|g| g.shift).collect()),
+                    onnx::attr_ints_of(attr(names.sources), sources),
+                    onnx::attr_ints_of(attr(names.shifts), ghosts.iter().flat_map(|g| g.shift).collect()),
                 ];
                 if ghosts.iter().any(|g| g.scale.is_some_and(|s| s != 1.0)) {
-                    attrs.push(onnx::attr_floats_of("scales", ghosts.iter().map(|g| g.scale()).collect()));
+                    attrs.push(onnx::attr_floats_of(
+                        attr(names.scales),
+                        ghosts.iter().map(|g| g.scale()).collect(),
+                    ));
                 }
                 if ghosts.iter().any(|g| g.bias.is_some_and(|b| b != 0.0)) {
-                    attrs.push(onnx::attr_floats_of("biases", ghosts.iter().map(|g| g.bias()).collect()));
+                    attrs.push(onnx::attr_floats_of(
+                        attr(names.biases),
+                        ghosts.iter().map(|g| g.bias()).collect(),
+                    ));
                 }
                 let name = self.fresh(&format!("{out}/ghostsr_shift"));
-                let mut n = onnx::node(GHOST_OP, &name, &[&intr], &[&ghost_out], attrs);
-                n.domain = Some(GHOST_DOMAIN.into());
+                let mut n = onnx::node(GHOST_SHIFT.name_str(), &name, &[&intr], &[&ghost_out], attrs);
+                n.domain = Some(GHOST_SHIFT.domain_str().into());
                 self.nodes.push(n);
             }
             EmitMode::Standard => {
@@ -354,7 +394,13 @@ impl<'a> Emitter<'a> {
                 );
                 let gathered = self.fresh(&format!("{out}/ghostsr_sources"));
                 let gname = self.fresh(&format!("{out}/ghostsr_gather_sources"));
-                self.nodes.push(onnx::node("Gather", &gname, &[&intr, &idx], &[&gathered], vec![onnx::attr_int("axis", 1)]));
+                self.nodes.push(onnx::node(
+                    "Gather",
+                    &gname,
+                    &[&intr, &idx],
+                    &[&gathered],
+                    vec![onnx::attr_int("axis", 1)],
+                ));
                 self.annotate(&gathered, Some(ghosts.len()));
                 let m = ghosts.iter().flat_map(|g| g.shift).map(i64::abs).max().unwrap_or(0);
                 let k = (2 * m + 1) as usize;
@@ -371,7 +417,9 @@ impl<'a> Emitter<'a> {
                 let mut ins = vec![gathered.clone(), kname];
                 if ghosts.iter().any(|g| g.bias() != 0.0) {
                     let b: Vec<f32> = ghosts.iter().map(|g| g.bias()).collect();
-                    ins.push(self.add_init(&format!("{out}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)));
+                    ins.push(
+                        self.add_init(&format!("{out}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)),
+                    );
                 }
                 let name = self.fresh(&format!("{out}/ghostsr_shift"));
                 let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
@@ -394,7 +442,13 @@ impl<'a> Emitter<'a> {
         let order: Perm = Rc::new(layer.emitted_order());
         let stored = self.set_layout(out, Some(order));
         let name = self.fresh(&format!("{out}/ghostsr_concat"));
-        self.nodes.push(onnx::node("Concat", &name, &[&intr, &ghost_out], &[&stored], vec![onnx::attr_int("axis", 1)]));
+        self.nodes.push(onnx::node(
+            "Concat",
+            &name,
+            &[&intr, &ghost_out],
+            &[&stored],
+            vec![onnx::attr_int("axis", 1)],
+        ));
         self.report.layers_rewritten += 1;
         Ok(())
     }

@@ -129,7 +129,11 @@ pub fn analyze(index: &GraphIndex<'_>, policy: &Policy) -> Result<Analysis> {
 
     let feature = |i: usize| -> bool {
         let n = &graph.node[i];
-        n.input.get(1).and_then(|w| index.constant(w)).map(|w| w.dims.first().copied().unwrap_or(0)).unwrap_or(0)
+        n.input
+            .get(1)
+            .and_then(|w| index.constant(w))
+            .map(|w| w.dims.first().copied().unwrap_or(0))
+            .unwrap_or(0)
             >= policy.min_channels as i64
     };
     let first = reaches_input_without_feature_conv(index, &feature);
@@ -162,7 +166,8 @@ pub fn analyze(index: &GraphIndex<'_>, policy: &Policy) -> Result<Analysis> {
             Verdict::Excluded
         } else if named(&policy.include) {
             Verdict::Eligible { forced: true }
-        } else if let Some(reason) = policy_reason(policy, &info, first.contains(&i), last.contains(&i), feeds_upsampler.get(&i))
+        } else if let Some(reason) =
+            policy_reason(policy, &info, first.contains(&i), last.contains(&i), feeds_upsampler.get(&i))
         {
             Verdict::Policy(reason)
         } else {
@@ -198,7 +203,10 @@ fn structure(index: &GraphIndex<'_>, shapes: &Shapes, info: &mut ConvInfo) -> Re
         return Err(format!("{c_out} filters do not divide into {} groups", info.group));
     }
     if info.filters_per_group() < 2 {
-        return Err(format!("depthwise-like Conv ({} filter per group): nothing to share", info.filters_per_group()));
+        return Err(format!(
+            "depthwise-like Conv ({} filter per group): nothing to share",
+            info.filters_per_group()
+        ));
     }
     if shapes.channels(&info.output).is_none() {
         return Err("output shape could not be inferred (an operator upstream is not understood)".into());
@@ -237,7 +245,10 @@ fn policy_reason(
 /// Conv nodes whose data input comes from a graph input through no "feature" Conv (one with at
 /// least `min_channels` filters): the entry Convs. Small Convs such as a mean shift are looked
 /// through, so the first real feature extractor is still the first Conv.
-fn reaches_input_without_feature_conv(index: &GraphIndex<'_>, feature: &dyn Fn(usize) -> bool) -> HashSet<usize> {
+fn reaches_input_without_feature_conv(
+    index: &GraphIndex<'_>,
+    feature: &dyn Fn(usize) -> bool,
+) -> HashSet<usize> {
     let graph = index.graph;
     // raw[t]: tensor t depends on a graph input with no feature Conv on the way.
     let mut raw: HashSet<&str> = index.graph_inputs.iter().copied().collect();

@@ -68,7 +68,9 @@ impl<'a> GraphIndex<'a> {
                 defined.insert(out.as_str());
             }
             if n.op_type() == "Constant" {
-                if let (Some(t), Some(out)) = (onnx::attr(n, "value").and_then(|a| a.t.as_ref()), n.output.first()) {
+                if let (Some(t), Some(out)) =
+                    (onnx::attr(n, "value").and_then(|a| a.t.as_ref()), n.output.first())
+                {
                     constants.insert(out.as_str(), t);
                 }
             }

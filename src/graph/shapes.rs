@@ -51,7 +51,8 @@ pub fn infer(index: &GraphIndex<'_>, probe: i64) -> Shapes {
         if s.dims.contains_key(name) {
             continue;
         }
-        let Some(type_proto::Value::TensorType(tt)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        let Some(type_proto::Value::TensorType(tt)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
             continue;
         };
         let Some(shape) = tt.shape.as_ref() else { continue };
@@ -117,15 +118,7 @@ fn norm_axis(axis: i64, rank: usize) -> usize {
 }
 
 /// Spatial output size of a Conv or pool along one axis.
-fn conv_out(
-    inp: i64,
-    k: i64,
-    stride: i64,
-    dil: i64,
-    pad_begin: i64,
-    pad_end: i64,
-    auto_pad: &str,
-) -> i64 {
+fn conv_out(inp: i64, k: i64, stride: i64, dil: i64, pad_begin: i64, pad_end: i64, auto_pad: &str) -> i64 {
     let eff = (k - 1) * dil + 1;
     match auto_pad {
         "SAME_UPPER" | "SAME_LOWER" => (inp + stride - 1) / stride,
@@ -165,7 +158,10 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                         _ => (vec![], 0),
                     }
                 } else {
-                    (onnx::attr_ints(node, "kernel_shape").unwrap_or_default(), x.get(1).copied().unwrap_or(0))
+                    (
+                        onnx::attr_ints(node, "kernel_shape").unwrap_or_default(),
+                        x.get(1).copied().unwrap_or(0),
+                    )
                 };
                 if !kernel.is_empty() && x.len() == kernel.len() + 2 {
                     let (st, dil, pads, ap) = spatial_attrs(node, &kernel);
@@ -185,14 +181,18 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                     let nd = kernel.len();
                     let group = onnx::attr_i(node, "group").unwrap_or(1);
                     let (st, dil, pads, _) = spatial_attrs(node, &kernel);
-                    let opad = onnx::attr_ints(node, "output_padding").filter(|v| v.len() == nd).unwrap_or(vec![0; nd]);
+                    let opad = onnx::attr_ints(node, "output_padding")
+                        .filter(|v| v.len() == nd)
+                        .unwrap_or(vec![0; nd]);
                     let mut o = vec![x[0], w[1] * group];
                     if let Some(os) = onnx::attr_ints(node, "output_shape").filter(|v| v.len() == nd) {
                         o.extend(os);
                     } else {
                         for i in 0..nd {
                             o.push(
-                                st[i] * (x[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1 - pads[i] - pads[nd + i],
+                                st[i] * (x[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
+                                    - pads[i]
+                                    - pads[nd + i],
                             );
                         }
                     }
@@ -207,10 +207,40 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                 }
             }
         }
-        "Relu" | "LeakyRelu" | "PRelu" | "Sigmoid" | "Tanh" | "Elu" | "Selu" | "Celu" | "HardSigmoid"
-        | "HardSwish" | "Softplus" | "Softsign" | "Abs" | "Neg" | "Exp" | "Log" | "Sqrt" | "Reciprocal"
-        | "Floor" | "Ceil" | "Round" | "Sign" | "Erf" | "Gelu" | "Mish" | "Identity" | "Dropout" | "Clip"
-        | "BatchNormalization" | "InstanceNormalization" | "LRN" | "Softmax" | "LogSoftmax" | "Not" => {
+        "Relu"
+        | "LeakyRelu"
+        | "PRelu"
+        | "Sigmoid"
+        | "Tanh"
+        | "Elu"
+        | "Selu"
+        | "Celu"
+        | "HardSigmoid"
+        | "HardSwish"
+        | "Softplus"
+        | "Softsign"
+        | "Abs"
+        | "Neg"
+        | "Exp"
+        | "Log"
+        | "Sqrt"
+        | "Reciprocal"
+        | "Floor"
+        | "Ceil"
+        | "Round"
+        | "Sign"
+        | "Erf"
+        | "Gelu"
+        | "Mish"
+        | "Identity"
+        | "Dropout"
+        | "Clip"
+        | "BatchNormalization"
+        | "InstanceNormalization"
+        | "LRN"
+        | "Softmax"
+        | "LogSoftmax"
+        | "Not" => {
             same(&mut outs);
             if matches!(op, "Identity") {
                 out_values[0] = int_input(index, s, &node.input[0]);
@@ -220,8 +250,8 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
             same(&mut outs);
             out_values[0] = node.input.first().and_then(|n| s.values.get(n).cloned());
         }
-        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal" | "Greater" | "Less"
-        | "And" | "Or" | "Where" => {
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "Equal" | "Greater"
+        | "Less" | "And" | "Or" | "Where" => {
             let dims: Option<Vec<Vec<i64>>> = (0..node.input.len()).map(in_dims).collect();
             if let Some(dims) = dims {
                 outs[0] = dims.iter().skip(1).try_fold(dims[0].clone(), |acc, d| broadcast(&acc, d));
@@ -301,12 +331,15 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         "Resize" | "Upsample" => {
             if let Some(x) = &x {
                 let scales_name = if op == "Upsample" { node.input.get(1) } else { node.input.get(2) };
-                let sizes = node.input.get(3).and_then(|n| int_input(index, s, n)).filter(|v| v.len() == x.len());
+                let sizes =
+                    node.input.get(3).and_then(|n| int_input(index, s, n)).filter(|v| v.len() == x.len());
                 let scales = scales_name.and_then(|n| float_input(index, n)).filter(|v| v.len() == x.len());
                 outs[0] = if let Some(sz) = sizes {
                     Some(sz)
                 } else {
-                    scales.map(|sc| x.iter().zip(sc).map(|(&d, f)| (d as f64 * f as f64).floor() as i64).collect())
+                    scales.map(|sc| {
+                        x.iter().zip(sc).map(|(&d, f)| (d as f64 * f as f64).floor() as i64).collect()
+                    })
                 };
             }
         }
@@ -345,7 +378,8 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
             if let Some(x) = &x {
                 let rank = x.len() as i64;
                 let start = norm_axis(onnx::attr_i(node, "start").unwrap_or(0), x.len()).min(x.len());
-                let end = onnx::attr_i(node, "end").map(|e| norm_axis(e, x.len()).min(x.len())).unwrap_or(x.len());
+                let end =
+                    onnx::attr_i(node, "end").map(|e| norm_axis(e, x.len()).min(x.len())).unwrap_or(x.len());
                 let v = x[start..end.max(start)].to_vec();
                 outs[0] = Some(vec![v.len() as i64]);
                 let _ = rank;
@@ -361,21 +395,24 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                     o.extend(&x[axis + 1..]);
                     outs[0] = Some(o);
                 }
-                if let (Some(v), Some(idx)) =
-                    (node.input.first().and_then(|n| int_input(index, s, n)), int_input(index, s, &node.input[1]))
-                {
+                if let (Some(v), Some(idx)) = (
+                    node.input.first().and_then(|n| int_input(index, s, n)),
+                    int_input(index, s, &node.input[1]),
+                ) {
                     if axis == 0 {
                         let n = v.len() as i64;
-                        out_values[0] =
-                            idx.iter().map(|&i| v.get(if i < 0 { i + n } else { i } as usize).copied()).collect();
+                        out_values[0] = idx
+                            .iter()
+                            .map(|&i| v.get(if i < 0 { i + n } else { i } as usize).copied())
+                            .collect();
                     }
                 }
             }
         }
         "Unsqueeze" | "Squeeze" => {
             if let Some(x) = &x {
-                let axes =
-                    onnx::attr_ints(node, "axes").or_else(|| node.input.get(1).and_then(|n| int_input(index, s, n)));
+                let axes = onnx::attr_ints(node, "axes")
+                    .or_else(|| node.input.get(1).and_then(|n| int_input(index, s, n)));
                 if let Some(axes) = axes {
                     let o = if op == "Unsqueeze" {
                         let r = x.len() + axes.len();
@@ -394,8 +431,11 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         "Reshape" => {
             if let (Some(x), Some(target)) = (&x, node.input.get(1).and_then(|n| int_input(index, s, n))) {
                 let total: i64 = x.iter().product();
-                let mut o: Vec<i64> =
-                    target.iter().enumerate().map(|(i, &d)| if d == 0 { *x.get(i).unwrap_or(&0) } else { d }).collect();
+                let mut o: Vec<i64> = target
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if d == 0 { *x.get(i).unwrap_or(&0) } else { d })
+                    .collect();
                 let known: i64 = o.iter().filter(|&&d| d != -1).product();
                 if let Some(p) = o.iter().position(|&d| d == -1) {
                     if known != 0 {
@@ -413,14 +453,15 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         }
         "Transpose" => {
             if let Some(x) = &x {
-                let perm = onnx::attr_ints(node, "perm").unwrap_or_else(|| (0..x.len() as i64).rev().collect());
+                let perm =
+                    onnx::attr_ints(node, "perm").unwrap_or_else(|| (0..x.len() as i64).rev().collect());
                 outs[0] = perm.iter().map(|&p| x.get(p as usize).copied()).collect();
             }
         }
         "Pad" => {
             if let Some(x) = &x {
-                let pads =
-                    onnx::attr_ints(node, "pads").or_else(|| node.input.get(1).and_then(|n| int_input(index, s, n)));
+                let pads = onnx::attr_ints(node, "pads")
+                    .or_else(|| node.input.get(1).and_then(|n| int_input(index, s, n)));
                 if let Some(p) = pads.filter(|p| p.len() == 2 * x.len()) {
                     outs[0] = Some(x.iter().enumerate().map(|(i, &d)| d + p[i] + p[i + x.len()]).collect());
                 }
@@ -453,7 +494,8 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         "Constant" => {
             if let Some(t) = onnx::attr(node, "value").and_then(|a| a.t.as_ref()) {
                 outs[0] = Some(t.dims.clone());
-                if t.data_type == Some(DataType::Int64 as i32) || t.data_type == Some(DataType::Int32 as i32) {
+                if t.data_type == Some(DataType::Int64 as i32) || t.data_type == Some(DataType::Int32 as i32)
+                {
                     out_values[0] = onnx::tensor_i64(t).ok();
                 }
             }

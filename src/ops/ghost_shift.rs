@@ -155,12 +155,7 @@ impl GhostShiftAttrs {
             ));
         }
         let shifts = shifts.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-        let attrs = GhostShiftAttrs {
-            sources,
-            shifts,
-            scales,
-            biases,
-        };
+        let attrs = GhostShiftAttrs { sources, shifts, scales, biases };
         attrs.validate(None)?;
         Ok(attrs)
     }
@@ -232,9 +227,7 @@ impl GhostShiftAttrs {
         let [n, c_in, h, w] = dims;
         self.validate(Some(c_in))?;
         let c_g = self.c_g();
-        let hw = h
-            .checked_mul(w)
-            .ok_or_else(|| "GhostShift: H*W overflows".to_string())?;
+        let hw = h.checked_mul(w).ok_or_else(|| "GhostShift: H*W overflows".to_string())?;
         let x_len = numel(&[n, c_in, h, w])?;
         let y_len = numel(&[n, c_g, h, w])?;
         if x.len() != x_len {
@@ -258,17 +251,7 @@ impl GhostShiftAttrs {
             // validate() bounded the source to [0, c_in).
             let src_off = (b * c_in + self.sources[g] as usize) * hw;
             let (dy, dx) = self.shifts[g];
-            shift_plane(
-                &x[src_off..src_off + hw],
-                dst,
-                h,
-                w,
-                dy,
-                dx,
-                self.scale(g),
-                self.bias(g),
-                scratch,
-            );
+            shift_plane(&x[src_off..src_off + hw], dst, h, w, dy, dx, self.scale(g), self.bias(g), scratch);
         };
         // Each output plane reads one input plane: bytes moved = 2 * |Y|.
         let bytes = 2 * y_len * std::mem::size_of::<T>();
@@ -379,11 +362,7 @@ impl Element for f16 {
 }
 
 /// The naive per-element definition, for tests: returns `Y` for `x` of shape `dims`.
-pub fn reference<T: Element>(
-    attrs: &GhostShiftAttrs,
-    x: &[T],
-    dims: [usize; 4],
-) -> Result<Vec<T>, String> {
+pub fn reference<T: Element>(attrs: &GhostShiftAttrs, x: &[T], dims: [usize; 4]) -> Result<Vec<T>, String> {
     let [n, c_in, h, w] = dims;
     attrs.validate(Some(c_in))?;
     if x.len() != numel(&dims)? {
@@ -398,8 +377,7 @@ pub fn reference<T: Element>(
                 for c in 0..w {
                     let (sr, sc) = (r as i128 - dy as i128, c as i128 - dx as i128);
                     let s = if (0..h as i128).contains(&sr) && (0..w as i128).contains(&sc) {
-                        x[((b * c_in + attrs.sources[g] as usize) * h + sr as usize) * w
-                            + sc as usize]
+                        x[((b * c_in + attrs.sources[g] as usize) * h + sr as usize) * w + sc as usize]
                             .to_f32()
                     } else {
                         0.0
@@ -419,51 +397,27 @@ mod tests {
     use rand_xoshiro::Xoshiro256PlusPlus;
 
     fn random_case(rng: &mut Xoshiro256PlusPlus) -> (GhostShiftAttrs, [usize; 4]) {
-        let dims = [
-            rng.gen_range(1..3),
-            rng.gen_range(1..5),
-            rng.gen_range(1..12),
-            rng.gen_range(1..12),
-        ];
+        let dims = [rng.gen_range(1..3), rng.gen_range(1..5), rng.gen_range(1..12), rng.gen_range(1..12)];
         let c_g = rng.gen_range(1..7);
         let sources = (0..c_g).map(|_| rng.gen_range(0..dims[1] as i64)).collect();
-        let shifts = (0..c_g)
-            .map(|_| (rng.gen_range(-3..=3), rng.gen_range(-3..=3)))
-            .collect();
+        let shifts = (0..c_g).map(|_| (rng.gen_range(-3..=3), rng.gen_range(-3..=3))).collect();
         let affine = rng.gen_range(0..4);
-        let scales =
-            (affine & 1 == 1).then(|| (0..c_g).map(|_| rng.gen_range(-2.0..2.0)).collect());
-        let biases =
-            (affine & 2 == 2).then(|| (0..c_g).map(|_| rng.gen_range(-1.0..1.0)).collect());
-        (
-            GhostShiftAttrs {
-                sources,
-                shifts,
-                scales,
-                biases,
-            },
-            dims,
-        )
+        let scales = (affine & 1 == 1).then(|| (0..c_g).map(|_| rng.gen_range(-2.0..2.0)).collect());
+        let biases = (affine & 2 == 2).then(|| (0..c_g).map(|_| rng.gen_range(-1.0..1.0)).collect());
+        (GhostShiftAttrs { sources, shifts, scales, biases }, dims)
     }
 
     fn check<T: Element + PartialEq + std::fmt::Debug>(seed: u64, conv: fn(f32) -> T) {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         for _ in 0..300 {
             let (attrs, dims) = random_case(&mut rng);
-            let x: Vec<T> = (0..dims.iter().product::<usize>())
-                .map(|_| conv(rng.gen_range(-4.0..4.0)))
-                .collect();
+            let x: Vec<T> =
+                (0..dims.iter().product::<usize>()).map(|_| conv(rng.gen_range(-4.0..4.0))).collect();
             let want = reference(&attrs, &x, dims).expect("reference");
             let mut got = vec![conv(f32::NAN); want.len()];
             attrs.run(&x, dims, &mut got).expect("run");
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
-            assert!(
-                same,
-                "mismatch for {attrs:?} {dims:?}:\n got {got:?}\nwant {want:?}"
-            );
+            let same = got.iter().zip(&want).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
+            assert!(same, "mismatch for {attrs:?} {dims:?}:\n got {got:?}\nwant {want:?}");
         }
     }
 
@@ -487,9 +441,7 @@ mod tests {
             scales: Some((0..12).map(|g| 0.5 + g as f32 * 0.1).collect()),
             biases: None,
         };
-        let x: Vec<f32> = (0..dims.iter().product::<usize>())
-            .map(|_| rng.r#gen::<f32>())
-            .collect();
+        let x: Vec<f32> = (0..dims.iter().product::<usize>()).map(|_| rng.r#gen::<f32>()).collect();
         assert!(x.len() * 4 > PARALLEL_MIN_BYTES);
         let want = reference(&attrs, &x, dims).expect("reference");
         let mut got = vec![0.0; want.len()];
@@ -513,11 +465,7 @@ mod tests {
 
     #[test]
     fn empty_tensors_are_fine() {
-        let attrs = GhostShiftAttrs {
-            sources: vec![0],
-            shifts: vec![(1, 1)],
-            ..Default::default()
-        };
+        let attrs = GhostShiftAttrs { sources: vec![0], shifts: vec![(1, 1)], ..Default::default() };
         let mut y: [f32; 0] = [];
         attrs.run(&[], [0, 1, 4, 4], &mut y).expect("N = 0");
         attrs.run(&[], [1, 1, 0, 4], &mut y).expect("H = 0");
@@ -526,57 +474,30 @@ mod tests {
     #[test]
     fn validation_errors() {
         let msg = |r: Result<(), String>| r.expect_err("should fail");
-        let ok = GhostShiftAttrs {
-            sources: vec![0, 1],
-            shifts: vec![(0, 1), (1, 0)],
-            ..Default::default()
-        };
+        let ok = GhostShiftAttrs { sources: vec![0, 1], shifts: vec![(0, 1), (1, 0)], ..Default::default() };
         ok.validate(Some(2)).expect("valid");
 
         let e = msg(ok.validate(Some(1)));
-        assert!(
-            e.starts_with("GhostShift: ") && e.contains("sources[1] = 1"),
-            "{e}"
-        );
-        let neg = GhostShiftAttrs {
-            sources: vec![-1],
-            shifts: vec![(0, 0)],
-            ..Default::default()
-        };
+        assert!(e.starts_with("GhostShift: ") && e.contains("sources[1] = 1"), "{e}");
+        let neg = GhostShiftAttrs { sources: vec![-1], shifts: vec![(0, 0)], ..Default::default() };
         assert!(msg(neg.validate(None)).starts_with("GhostShift: sources[0] = -1"));
 
-        let e =
-            GhostShiftAttrs::from_flat(vec![0, 1], &[0, 1, 1], None, None).expect_err("odd shifts");
-        assert!(
-            e.starts_with("GhostShift: ") && e.contains("'shifts' has 3 values"),
-            "{e}"
-        );
-        let short = GhostShiftAttrs {
-            shifts: vec![(0, 1)],
-            ..ok.clone()
-        };
+        let e = GhostShiftAttrs::from_flat(vec![0, 1], &[0, 1, 1], None, None).expect_err("odd shifts");
+        assert!(e.starts_with("GhostShift: ") && e.contains("'shifts' has 3 values"), "{e}");
+        let short = GhostShiftAttrs { shifts: vec![(0, 1)], ..ok.clone() };
         assert!(msg(short.validate(None)).contains("'shifts' has 2 values, expected 2*C_g = 4"));
 
-        let e = GhostShiftAttrs::from_flat(vec![0, 1], &[0, 1, 1, 0], Some(vec![1.0]), None)
-            .expect_err("scales");
-        assert!(
-            e.starts_with("GhostShift: attribute 'scales' has 1 values"),
-            "{e}"
-        );
-        let e = GhostShiftAttrs::from_flat(vec![0], &[0, 1], None, Some(vec![1.0, 2.0]))
-            .expect_err("biases");
-        assert!(
-            e.starts_with("GhostShift: attribute 'biases' has 2 values"),
-            "{e}"
-        );
+        let e =
+            GhostShiftAttrs::from_flat(vec![0, 1], &[0, 1, 1, 0], Some(vec![1.0]), None).expect_err("scales");
+        assert!(e.starts_with("GhostShift: attribute 'scales' has 1 values"), "{e}");
+        let e = GhostShiftAttrs::from_flat(vec![0], &[0, 1], None, Some(vec![1.0, 2.0])).expect_err("biases");
+        assert!(e.starts_with("GhostShift: attribute 'biases' has 2 values"), "{e}");
 
         let mut y = [0.0f32; 3];
-        let e = ok
-            .run(&[0.0f32; 2], [1, 2, 1, 1], &mut y)
-            .expect_err("y length");
+        let e = ok.run(&[0.0f32; 2], [1, 2, 1, 1], &mut y).expect_err("y length");
         assert!(e.starts_with("GhostShift: output Y"), "{e}");
-        let from_flat = GhostShiftAttrs::from_flat(vec![0, 1], &ok.flat_shifts(), None, None)
-            .expect("round trip");
+        let from_flat =
+            GhostShiftAttrs::from_flat(vec![0, 1], &ok.flat_shifts(), None, None).expect("round trip");
         assert_eq!(from_flat, ok);
     }
 

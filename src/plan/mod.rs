@@ -119,7 +119,8 @@ impl Plan {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read plan {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read plan {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("invalid plan {}", path.display()))
     }
 
@@ -210,7 +211,9 @@ impl LayerPlan {
             let counts: Vec<usize> =
                 (0..group).map(|g| self.intrinsic.iter().filter(|&&c| c / per == g).count()).collect();
             if counts.iter().any(|&n| n != counts[0]) {
-                bail!("grouped Conv ({group} groups): each group must keep the same number of filters, got {counts:?}");
+                bail!(
+                    "grouped Conv ({group} groups): each group must keep the same number of filters, got {counts:?}"
+                );
             }
         }
         Ok(())

@@ -164,19 +164,11 @@ impl Api {
         // SAFETY: `names` has room for `rank` pointers; the strings belong to `info` and are
         // copied out before it can go away.
         unsafe {
-            self.check((self.table.GetSymbolicDimensions)(
-                info,
-                names.as_mut_ptr(),
-                rank,
-            ))?;
+            self.check((self.table.GetSymbolicDimensions)(info, names.as_mut_ptr(), rank))?;
             Ok(names
                 .iter()
                 .map(|&p| {
-                    if p.is_null() {
-                        String::new()
-                    } else {
-                        CStr::from_ptr(p).to_string_lossy().into_owned()
-                    }
+                    if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
                 })
                 .collect())
         }
@@ -209,11 +201,8 @@ impl Api {
         if n > 0 {
             let len = n * std::mem::size_of::<T>();
             // SAFETY: `v` holds exactly `len` bytes of plain values.
-            let st = unsafe {
-                (t.ReadOpAttr)(attr, kind, v.as_mut_ptr().cast::<c_void>(), len, &mut bytes)
-            };
-            self.check(st)
-                .map_err(|e| attr_error(name, "ints/floats", &e))?;
+            let st = unsafe { (t.ReadOpAttr)(attr, kind, v.as_mut_ptr().cast::<c_void>(), len, &mut bytes) };
+            self.check(st).map_err(|e| attr_error(name, "ints/floats", &e))?;
         }
         Ok(Some(v))
     }
@@ -233,18 +222,11 @@ pub(crate) fn ort_elem_raw(v: i32) -> Option<ONNXTensorElementDataType> {
 }
 
 fn attr_error(name: &CStr, kind: &str, e: &str) -> String {
-    format!(
-        "GhostShift: attribute '{}' could not be read as {kind}: {e}",
-        name.to_string_lossy()
-    )
+    format!("GhostShift: attribute '{}' could not be read as {kind}: {e}", name.to_string_lossy())
 }
 
 /// The runtime reports a missing attribute as "No attribute with name:'x'is defined."; anything
 /// else (a wrongly typed attribute) is an error.
 fn missing_or<T>(name: &CStr, kind: &str, e: String) -> Result<Option<T>, String> {
-    if e.contains("No attribute") {
-        Ok(None)
-    } else {
-        Err(attr_error(name, kind, &e))
-    }
+    if e.contains("No attribute") { Ok(None) } else { Err(attr_error(name, kind, &e)) }
 }

@@ -68,10 +68,7 @@ impl DeviceAttrs {
     pub(crate) fn upload(attrs: &GhostShiftAttrs) -> Result<Self, String> {
         let c_g = attrs.c_g();
         if c_g == 0 {
-            return Ok(DeviceAttrs {
-                ptr: ptr::null_mut(),
-                c_g,
-            });
+            return Ok(DeviceAttrs { ptr: ptr::null_mut(), c_g });
         }
         if attrs.sources.iter().any(|&s| s > i32::MAX as i64) {
             return Err("GhostShift: a source index does not fit in 32 bits".into());
@@ -111,27 +108,13 @@ impl DeviceAttrs {
         // SAFETY: forwarded from the caller; the attribute buffer holds 5*C_g words.
         let code = unsafe {
             match elem {
-                ElemType::F32 => ghostsr_ghost_shift_f32(
-                    x.cast(),
-                    y.cast(),
-                    self.ptr,
-                    n,
-                    c_in,
-                    c_g,
-                    h,
-                    w,
-                    stream,
-                ),
-                ElemType::F16 => {
-                    ghostsr_ghost_shift_f16(x, y, self.ptr, n, c_in, c_g, h, w, stream)
+                ElemType::F32 => {
+                    ghostsr_ghost_shift_f32(x.cast(), y.cast(), self.ptr, n, c_in, c_g, h, w, stream)
                 }
+                ElemType::F16 => ghostsr_ghost_shift_f16(x, y, self.ptr, n, c_in, c_g, h, w, stream),
             }
         };
-        if code != 0 {
-            Err(cuda_error("kernel launch", code))
-        } else {
-            Ok(())
-        }
+        if code != 0 { Err(cuda_error("kernel launch", code)) } else { Ok(()) }
     }
 }
 

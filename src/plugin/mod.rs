@@ -56,8 +56,7 @@ pub const MIN_API_VERSION: u32 = 16;
 pub const MAX_API_VERSION: u32 = ort_sys::ORT_API_VERSION;
 
 // The compiled-against version must cover the minimum and the shape inference fields.
-const _: () =
-    assert!(MIN_API_VERSION <= MAX_API_VERSION && op::SHAPE_INFERENCE_API <= MAX_API_VERSION);
+const _: () = assert!(MIN_API_VERSION <= MAX_API_VERSION && op::SHAPE_INFERENCE_API <= MAX_API_VERSION);
 
 /// One runtime's registration: its API, op objects and domain, kept for the process lifetime.
 struct Registered {
@@ -130,9 +129,7 @@ unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<(), Stri
         return Err("GhostShift: RegisterCustomOps called with null session options".into());
     }
     let t = api.t();
-    let mut registry = REGISTRY
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut registry = REGISTRY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let domain = match registry.iter().find(|r| r.api_addr == api.addr()) {
         Some(r) => r.domain,
         None => {
@@ -140,32 +137,23 @@ unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<(), Stri
             let ops: &'static [GhostShiftOp] = Box::leak(ops_for(api).into_boxed_slice());
             let mut domain: *mut OrtCustomOpDomain = ptr::null_mut();
             // SAFETY: the domain name is a NUL-terminated 'static string; `domain` is an out pointer.
-            api.check(unsafe {
-                (t.CreateCustomOpDomain)(GHOST_SHIFT.domain.as_ptr(), &mut domain)
-            })?;
+            api.check(unsafe { (t.CreateCustomOpDomain)(GHOST_SHIFT.domain.as_ptr(), &mut domain) })?;
             for op in ops {
                 // SAFETY: `domain` was just created; `op` is 'static.
                 let st = unsafe { (t.CustomOpDomain_Add)(domain, op.as_ort()) };
                 if let Err(e) = api.check(st) {
                     // SAFETY: the domain is ours and not attached to any session options yet.
                     unsafe { (t.ReleaseCustomOpDomain)(domain) };
-                    return Err(format!(
-                        "GhostShift: adding the op to domain ai.ghostsr failed: {e}"
-                    ));
+                    return Err(format!("GhostShift: adding the op to domain ai.ghostsr failed: {e}"));
                 }
             }
-            registry.push(Registered {
-                api_addr: api.addr(),
-                domain,
-            });
+            registry.push(Registered { api_addr: api.addr(), domain });
             domain
         }
     };
     // SAFETY: options is live (caller); the domain lives for the rest of the process.
     api.check(unsafe { (t.AddCustomOpDomain)(options, domain) })
-        .map_err(|e| {
-            format!("GhostShift: adding domain ai.ghostsr to the session options failed: {e}")
-        })
+        .map_err(|e| format!("GhostShift: adding domain ai.ghostsr to the session options failed: {e}"))
 }
 
 /// One op object per (element type, execution provider).
@@ -177,12 +165,7 @@ fn ops_for(api: Api) -> Vec<GhostShiftOp> {
     ];
     providers
         .into_iter()
-        .flat_map(|p| {
-            GHOST_SHIFT
-                .elem_types
-                .iter()
-                .map(move |&e| GhostShiftOp::new(api, e, p))
-        })
+        .flat_map(|p| GHOST_SHIFT.elem_types.iter().map(move |&e| GhostShiftOp::new(api, e, p)))
         .collect()
 }
 
@@ -200,10 +183,7 @@ mod tests {
 
     #[test]
     fn no_runtime_api_means_null_status_not_a_crash() {
-        let base = OrtApiBase {
-            GetApi: no_api,
-            GetVersionString: version_string,
-        };
+        let base = OrtApiBase { GetApi: no_api, GetVersionString: version_string };
         // SAFETY: the fake base's GetApi returns null for every version; options are never touched.
         let st = unsafe { RegisterCustomOps(ptr::null_mut(), &base) };
         assert!(st.is_null());

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::f16;
 use ort_sys::{
-    ONNXTensorElementDataType, OrtApi, OrtCustomOp, OrtCustomOpInputOutputCharacteristic,
-    OrtKernelContext, OrtKernelInfo, OrtMemType, OrtOpAttrType, OrtShapeInferContext, OrtStatusPtr,
-    OrtTensorTypeAndShapeInfo, OrtTypeInfo, OrtValue,
+    ONNXTensorElementDataType, OrtApi, OrtCustomOp, OrtCustomOpInputOutputCharacteristic, OrtKernelContext,
+    OrtKernelInfo, OrtMemType, OrtOpAttrType, OrtShapeInferContext, OrtStatusPtr, OrtTensorTypeAndShapeInfo,
+    OrtTypeInfo, OrtValue,
 };
 
 use super::api::{Api, ort_elem, ort_elem_raw};
@@ -86,11 +86,7 @@ impl GhostShiftOp {
                 GetVariadicOutputHomogeneity: Some(get_variadic_homogeneity),
                 CreateKernelV2: Some(create_kernel_v2),
                 KernelComputeV2: Some(kernel_compute_v2),
-                InferOutputShapeFn: if shape_inference {
-                    Some(infer_output_shape)
-                } else {
-                    None
-                },
+                InferOutputShapeFn: if shape_inference { Some(infer_output_shape) } else { None },
                 GetStartVersion: Some(get_start_version),
                 GetEndVersion: Some(get_end_version),
             },
@@ -125,10 +121,7 @@ fn guard_status(api: Api, f: impl FnOnce() -> Result<(), String>) -> OrtStatusPt
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => OrtStatusPtr(ptr::null_mut()),
         Ok(Err(msg)) => api.error(&msg),
-        Err(panic) => api.error(&format!(
-            "GhostShift: internal error (panic: {})",
-            panic_text(&panic)
-        )),
+        Err(panic) => api.error(&format!("GhostShift: internal error (panic: {})", panic_text(&panic))),
     }
 }
 
@@ -149,25 +142,14 @@ unsafe extern "system" fn get_name(_op: *const OrtCustomOp) -> *const c_char {
 
 unsafe extern "system" fn get_ep_type(op: *const OrtCustomOp) -> *const c_char {
     // SAFETY: the runtime passes back our own op pointer.
-    guard(ptr::null(), || {
-        unsafe { this(op) }
-            .provider
-            .ep_name()
-            .map_or(ptr::null(), CStr::as_ptr)
-    })
+    guard(ptr::null(), || unsafe { this(op) }.provider.ep_name().map_or(ptr::null(), CStr::as_ptr))
 }
 
-unsafe extern "system" fn get_type(
-    op: *const OrtCustomOp,
-    _index: usize,
-) -> ONNXTensorElementDataType {
-    guard(
-        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
-        || {
-            // SAFETY: the runtime passes back our own op pointer.
-            ort_elem(unsafe { this(op) }.elem)
-        },
-    )
+unsafe extern "system" fn get_type(op: *const OrtCustomOp, _index: usize) -> ONNXTensorElementDataType {
+    guard(ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, || {
+        // SAFETY: the runtime passes back our own op pointer.
+        ort_elem(unsafe { this(op) }.elem)
+    })
 }
 
 unsafe extern "system" fn get_one(_op: *const OrtCustomOp) -> usize {
@@ -291,8 +273,7 @@ unsafe fn static_input_dims(api: Api, info: *const OrtKernelInfo) -> Option<Vec<
     // SAFETY: info is live (caller); we release the type info we get; the tensor info obtained
     // from it belongs to it and is read before the release.
     unsafe {
-        api.check((t.KernelInfo_GetInputTypeInfo)(info, 0, &mut type_info))
-            .ok()?;
+        api.check((t.KernelInfo_GetInputTypeInfo)(info, 0, &mut type_info)).ok()?;
         if type_info.is_null() {
             return None;
         }
@@ -354,8 +335,7 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
         r?
     };
     if ty != k.elem.onnx() {
-        let got = ElemType::from_onnx(ty)
-            .map_or_else(|| format!("ONNX type {ty}"), |e| e.name().to_string());
+        let got = ElemType::from_onnx(ty).map_or_else(|| format!("ONNX type {ty}"), |e| e.name().to_string());
         return Err(format!(
             "GhostShift: input X has element type {got}; this kernel is for {} (supported: float, float16)",
             k.elem.name()
@@ -417,10 +397,7 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
         }
         #[cfg(feature = "cuda")]
         Provider::Cuda => {
-            let dev = k
-                .device_attrs
-                .as_ref()
-                .ok_or("GhostShift: CUDA kernel without device attributes")?;
+            let dev = k.device_attrs.as_ref().ok_or("GhostShift: CUDA kernel without device attributes")?;
             let mut stream: *mut c_void = ptr::null_mut();
             // SAFETY: ctx is live; the stream handle belongs to the runtime.
             api.check(unsafe { (t.KernelContext_GetGPUComputeStream)(ctx, &mut stream) })?;
@@ -474,15 +451,9 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         let shifts = api.infer_attr::<i64>(ctx, names.shifts, ints)?;
         let scales = api.infer_attr::<f32>(ctx, names.scales, floats)?;
         let biases = api.infer_attr::<f32>(ctx, names.biases, floats)?;
-        let sources =
-            sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
+        let sources = sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
         let shifts = shifts.ok_or("GhostShift: required attribute 'shifts' (ints) is missing")?;
-        (
-            ty,
-            dims,
-            sym,
-            GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)?,
-        )
+        (ty, dims, sym, GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)?)
     };
     let Some(out_ty) = ort_elem_raw(ty) else {
         return Err(format!(
@@ -509,10 +480,7 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             let name = if i == 1 {
                 String::new()
             } else if sym[i].is_empty() && out_dims[i] < 0 {
-                format!(
-                    "ghostsr_unk_{}",
-                    UNNAMED_DIMS.fetch_add(1, Ordering::Relaxed)
-                )
+                format!("ghostsr_unk_{}", UNNAMED_DIMS.fetch_add(1, Ordering::Relaxed))
             } else {
                 sym[i].clone()
             };
@@ -528,11 +496,7 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         let r = (|| {
             api.check((t.SetTensorElementType)(info, out_ty))?;
             api.check((t.SetDimensions)(info, out_dims.as_ptr(), 4))?;
-            api.check((t.SetSymbolicDimensions)(
-                info,
-                out_sym_ptrs.as_mut_ptr(),
-                4,
-            ))?;
+            api.check((t.SetSymbolicDimensions)(info, out_sym_ptrs.as_mut_ptr(), 4))?;
             api.check((t.ShapeInferContext_SetOutputTypeShape)(ctx, 0, info))
         })();
         (t.ReleaseTensorTypeAndShapeInfo)(info);

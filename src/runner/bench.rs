@@ -49,11 +49,7 @@ pub struct BenchArgs {
 
 /// Parses `HxW` (or a single number for a square).
 pub fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
-    let parse = |t: &str| {
-        t.trim()
-            .parse::<usize>()
-            .map_err(|e| format!("bad size {s:?}: {e}"))
-    };
+    let parse = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("bad size {s:?}: {e}"));
     let (h, w) = match s.split_once(['x', 'X']) {
         Some((h, w)) => (parse(h)?, parse(w)?),
         None => (parse(s)?, parse(s)?),
@@ -129,10 +125,7 @@ fn input_data(c: usize, h: usize, w: usize) -> Vec<f32> {
 fn time_once(model: &mut SrModel, shape: [usize; 4], data: &[f32]) -> Result<f64> {
     let input = TensorRef::from_array_view((shape, data)).map_err(ort_err)?;
     let t0 = Instant::now();
-    let out = model
-        .session_mut()
-        .run(ort::inputs![input])
-        .map_err(ort_err)?;
+    let out = model.session_mut().run(ort::inputs![input]).map_err(ort_err)?;
     drop(out);
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
@@ -140,11 +133,7 @@ fn time_once(model: &mut SrModel, shape: [usize; 4], data: &[f32]) -> Result<f64
 /// Benchmarks `orig` against `ghost` (see [`BenchArgs`]).
 pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let cfg = SessionConfig {
-        threads: args.threads,
-        plugin: args.plugin.clone(),
-        provider: args.provider,
-    };
+    let cfg = SessionConfig { threads: args.threads, plugin: args.plugin.clone(), provider: args.provider };
     let mut orig = SrModel::open(&args.orig, &cfg)?;
     let mut ghost = SrModel::open(&args.ghost, &cfg)?;
     if orig.kind() != ghost.kind() {
@@ -156,19 +145,13 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             ghost.kind()
         );
     }
-    let c = if orig.kind().channels == Channels::Rgb {
-        3
-    } else {
-        1
-    };
+    let c = if orig.kind().channels == Channels::Rgb { 3 } else { 1 };
     let (h, w) = args.size;
     let shape = [1, c, h, w];
     let data = input_data(c, h, w);
     for _ in 0..args.warmup {
-        time_once(&mut orig, shape, &data)
-            .with_context(|| format!("running {}", args.orig.display()))?;
-        time_once(&mut ghost, shape, &data)
-            .with_context(|| format!("running {}", args.ghost.display()))?;
+        time_once(&mut orig, shape, &data).with_context(|| format!("running {}", args.orig.display()))?;
+        time_once(&mut ghost, shape, &data).with_context(|| format!("running {}", args.ghost.display()))?;
     }
     let (mut to, mut tg) = (Vec::new(), Vec::new());
     for i in 0..args.runs {

@@ -5,11 +5,7 @@
 use super::image_io::Image;
 
 /// The forward matrix (rows Y, Cb, Cr), applied to RGB in 0..255 and divided by 255.
-const M: [[f64; 3]; 3] = [
-    [65.481, 128.553, 24.966],
-    [-37.797, -74.203, 112.0],
-    [112.0, -93.786, -18.214],
-];
+const M: [[f64; 3]; 3] = [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]];
 
 /// Y, Cb and Cr planes (f64, row-major) of an RGB image.
 pub fn ycbcr_from_rgb(img: &Image) -> [Vec<f64>; 3] {
@@ -31,9 +27,7 @@ pub fn rgb_to_y(img: &Image) -> Vec<f64> {
     assert_eq!(img.channels, 3, "rgb_to_y needs RGB");
     img.data
         .chunks_exact(3)
-        .map(|p| {
-            16.0 + (65.481 * p[0] as f64 + 128.553 * p[1] as f64 + 24.966 * p[2] as f64) / 255.0
-        })
+        .map(|p| 16.0 + (65.481 * p[0] as f64 + 128.553 * p[1] as f64 + 24.966 * p[2] as f64) / 255.0)
         .collect()
 }
 
@@ -95,12 +89,7 @@ mod tests {
         // np.linalg.inv(M/255).
         let img = pat(9, 12, 0);
         let y = rgb_to_y(&img);
-        let want = [
-            53.09688235294118,
-            131.24982352941174,
-            184.3388588235294,
-            67.69688235294117,
-        ];
+        let want = [53.09688235294118, 131.24982352941174, 184.3388588235294, 67.69688235294117];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }

@@ -78,14 +78,8 @@ pub struct EvalReport {
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let p = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let p = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
         if [".png", ".bmp", ".jpg"].iter().any(|e| name.ends_with(e)) {
             files.push(p);
         }
@@ -133,21 +127,10 @@ pub fn evaluate(
             .super_resolve(&lr, scale, Some(&bic), tiling)
             .with_context(|| format!("super-resolving {}", f.display()))?;
         if (sr.height, sr.width) != (hr.height, hr.width) {
-            bail!(
-                "{}: SR is {}x{} but HR is {}x{}",
-                f.display(),
-                sr.height,
-                sr.width,
-                hr.height,
-                hr.width
-            );
+            bail!("{}: SR is {}x{} but HR is {}x{}", f.display(), sr.height, sr.width, hr.height, hr.width);
         }
         let score = ImageScore {
-            image: f
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
+            image: f.file_name().unwrap_or_default().to_string_lossy().into_owned(),
             psnr_y: psnr_y(&sr, &hr, scale)?,
             ssim_y: ssim_y(&sr, &hr, scale)?,
             psnr_y_bicubic: psnr_y(&bic, &hr, scale)?,
@@ -156,12 +139,7 @@ pub fn evaluate(
         on_image(&score);
         per_image.push(score);
     }
-    let name = |p: &Path| {
-        p.file_name()
-            .unwrap_or(p.as_os_str())
-            .to_string_lossy()
-            .into_owned()
-    };
+    let name = |p: &Path| p.file_name().unwrap_or(p.as_os_str()).to_string_lossy().into_owned();
     Ok(EvalReport {
         model: name(model),
         dataset: name(images),
@@ -179,32 +157,17 @@ pub fn evaluate(
 
 /// Runs the `eval` verb.
 pub fn run(args: EvalArgs) -> Result<()> {
-    let cfg = SessionConfig {
-        threads: args.threads,
-        plugin: args.plugin.clone(),
-        ..Default::default()
-    };
-    let tiling = Tiling {
-        tile: args.tile,
-        overlap: 16,
-    };
+    let cfg = SessionConfig { threads: args.threads, plugin: args.plugin.clone(), ..Default::default() };
+    let tiling = Tiling { tile: args.tile, overlap: 16 };
     let json = args.json;
-    let report = evaluate(
-        &args.model,
-        &args.images,
-        args.scale,
-        &cfg,
-        tiling,
-        args.limit,
-        |s| {
-            if !json {
-                println!(
-                    "{:<24} PSNR {:7.3} dB  SSIM {:.4}  (bicubic {:7.3} dB)",
-                    s.image, s.psnr_y, s.ssim_y, s.psnr_y_bicubic
-                );
-            }
-        },
-    )?;
+    let report = evaluate(&args.model, &args.images, args.scale, &cfg, tiling, args.limit, |s| {
+        if !json {
+            println!(
+                "{:<24} PSNR {:7.3} dB  SSIM {:.4}  (bicubic {:7.3} dB)",
+                s.image, s.psnr_y, s.ssim_y, s.psnr_y_bicubic
+            );
+        }
+    })?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

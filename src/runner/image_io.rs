@@ -18,47 +18,25 @@ pub struct Image {
 impl Image {
     /// A zero image.
     pub fn new(height: usize, width: usize, channels: usize) -> Self {
-        Image {
-            height,
-            width,
-            channels,
-            data: vec![0; height * width * channels],
-        }
+        Image { height, width, channels, data: vec![0; height * width * channels] }
     }
 
     /// Wraps `data`, checking its length.
     pub fn from_vec(height: usize, width: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
         if data.len() != height * width * channels {
-            bail!(
-                "image data has {} bytes, expected {height}x{width}x{channels}",
-                data.len()
-            );
+            bail!("image data has {} bytes, expected {height}x{width}x{channels}", data.len());
         }
-        Ok(Image {
-            height,
-            width,
-            channels,
-            data,
-        })
+        Ok(Image { height, width, channels, data })
     }
 
     /// The top-left `height` x `width` part (the protocol's modcrop).
     pub fn crop_top_left(&self, height: usize, width: usize) -> Image {
-        let (c, h, w) = (
-            self.channels,
-            height.min(self.height),
-            width.min(self.width),
-        );
+        let (c, h, w) = (self.channels, height.min(self.height), width.min(self.width));
         let mut data = Vec::with_capacity(h * w * c);
         for row in self.data.chunks_exact(self.width * c).take(h) {
             data.extend_from_slice(&row[..w * c]);
         }
-        Image {
-            height: h,
-            width: w,
-            channels: c,
-            data,
-        }
+        Image { height: h, width: w, channels: c, data }
     }
 }
 
@@ -76,11 +54,7 @@ pub fn save_rgb(path: &Path, img: &Image) -> Result<()> {
     if img.channels != 3 {
         bail!("save_rgb needs 3 channels, got {}", img.channels);
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
     let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.data.clone())
         .context("image buffer size mismatch")?;
     match ext.as_str() {
@@ -88,17 +62,13 @@ pub fn save_rgb(path: &Path, img: &Image) -> Result<()> {
             .save_with_format(path, image::ImageFormat::Png)
             .with_context(|| format!("writing {}", path.display())),
         "jpg" | "jpeg" => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating {}", path.display()))?;
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
             let mut w = std::io::BufWriter::new(file);
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95)
                 .encode_image(&buf)
                 .with_context(|| format!("writing {}", path.display()))
         }
-        _ => bail!(
-            "cannot write {}: the output extension must be .png, .jpg or .jpeg",
-            path.display()
-        ),
+        _ => bail!("cannot write {}: the output extension must be .png, .jpg or .jpeg", path.display()),
     }
 }
 

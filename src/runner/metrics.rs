@@ -21,11 +21,7 @@ impl Plane {
     /// The Y plane of an RGB image, with `shave` pixels removed at every border.
     pub fn y_shaved(img: &Image, shave: usize) -> Result<Plane> {
         if img.height <= 2 * shave || img.width <= 2 * shave {
-            bail!(
-                "image {}x{} is too small to shave {shave} pixels",
-                img.height,
-                img.width
-            );
+            bail!("image {}x{} is too small to shave {shave} pixels", img.height, img.width);
         }
         let y = rgb_to_y(img);
         let (h, w) = (img.height - 2 * shave, img.width - 2 * shave);
@@ -33,23 +29,13 @@ impl Plane {
         for r in shave..shave + h {
             data.extend_from_slice(&y[r * img.width + shave..r * img.width + shave + w]);
         }
-        Ok(Plane {
-            height: h,
-            width: w,
-            data,
-        })
+        Ok(Plane { height: h, width: w, data })
     }
 }
 
 fn check_same(a: &Plane, b: &Plane) -> Result<()> {
     if (a.height, a.width) != (b.height, b.width) {
-        bail!(
-            "size mismatch: {}x{} vs {}x{}",
-            a.height,
-            a.width,
-            b.height,
-            b.width
-        );
+        bail!("size mismatch: {}x{} vs {}x{}", a.height, a.width, b.height, b.width);
     }
     Ok(())
 }
@@ -57,12 +43,7 @@ fn check_same(a: &Plane, b: &Plane) -> Result<()> {
 /// PSNR (dB, peak 255) between two planes; infinite when they are equal.
 pub fn psnr(a: &Plane, b: &Plane) -> Result<f64> {
     check_same(a, b)?;
-    let se: f64 = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum();
+    let se: f64 = a.data.iter().zip(&b.data).map(|(x, y)| (x - y) * (x - y)).sum();
     let mse = se / a.data.len() as f64;
     Ok(10.0 * (255.0f64 * 255.0 / mse).log10())
 }
@@ -133,8 +114,7 @@ pub fn ssim(a: &Plane, b: &Plane) -> Result<f64> {
         let s1 = e11[i] - m1 * m1;
         let s2 = e22[i] - m2 * m2;
         let s12 = e12[i] - m1 * m2;
-        total +=
-            ((2.0 * m1 * m2 + c1) * (2.0 * s12 + c2)) / ((m1 * m1 + m2 * m2 + c1) * (s1 + s2 + c2));
+        total += ((2.0 * m1 * m2 + c1) * (2.0 * s12 + c2)) / ((m1 * m1 + m2 * m2 + c1) * (s1 + s2 + c2));
     }
     Ok(total / mu1.len() as f64)
 }

@@ -54,9 +54,7 @@ pub(crate) fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
 /// first call.
 pub fn environment() -> Result<&'static Environment> {
     static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
-    ENV.get_or_init(|| init_environment().map_err(|e| format!("{e:#}")))
-        .as_ref()
-        .map_err(|e| anyhow!("{e}"))
+    ENV.get_or_init(|| init_environment().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow!("{e}"))
 }
 
 fn init_environment() -> Result<Environment> {
@@ -69,27 +67,19 @@ fn init_environment() -> Result<Environment> {
     if !path.is_file() {
         bail!("{ORT_DYLIB_ENV}={} does not exist: {HINT}", path.display());
     }
-    let builder = ort::init_from(&path)
-        .map_err(|e| anyhow!("loading ONNX Runtime from {}: {e}", path.display()))?;
+    let builder =
+        ort::init_from(&path).map_err(|e| anyhow!("loading ONNX Runtime from {}: {e}", path.display()))?;
     builder
         .with_name("ghostsr")
         .build()
         .map_err(ort_err)
-        .with_context(|| {
-            format!(
-                "creating the ONNX Runtime environment from {}",
-                path.display()
-            )
-        })
+        .with_context(|| format!("creating the ONNX Runtime environment from {}", path.display()))
 }
 
 /// Whether the serialized model declares the GhostShift domain in its `opset_import`.
 pub fn declares_ghost_domain(model_bytes: &[u8]) -> Result<bool> {
     let model = ModelProto::decode(model_bytes).context("decoding the ONNX ModelProto")?;
-    Ok(model
-        .opset_import
-        .iter()
-        .any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN)))
+    Ok(model.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN)))
 }
 
 /// Candidate plugin paths, in search order: `explicit` alone when given, otherwise
@@ -99,10 +89,7 @@ pub fn plugin_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         return vec![p.to_path_buf()];
     }
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         out.push(dir.join(PLUGIN_FILE));
         // Test and example binaries live in target/<profile>/deps/.
         if dir.file_name().is_some_and(|n| n == "deps")
@@ -139,8 +126,7 @@ pub fn provider_available(name: &str) -> Result<bool> {
     let mut n: std::ffi::c_int = 0;
     // SAFETY: GetAvailableProviders fills `list` with `n` C strings, released below.
     unsafe {
-        ort::Error::result_from_status((api.GetAvailableProviders)(&mut list, &mut n))
-            .map_err(ort_err)?;
+        ort::Error::result_from_status((api.GetAvailableProviders)(&mut list, &mut n)).map_err(ort_err)?;
     }
     if list.is_null() {
         return Ok(false);
@@ -153,8 +139,7 @@ pub fn provider_available(name: &str) -> Result<bool> {
     }
     // SAFETY: releases exactly what GetAvailableProviders returned.
     unsafe {
-        ort::Error::result_from_status((api.ReleaseAvailableProviders)(list, n))
-            .map_err(ort_err)?;
+        ort::Error::result_from_status((api.ReleaseAvailableProviders)(list, n)).map_err(ort_err)?;
     }
     Ok(found)
 }
@@ -171,13 +156,10 @@ fn append_cuda(builder: &mut SessionBuilder) -> Result<()> {
     // SAFETY: standard create/append/release sequence of the ONNX Runtime C API; the options
     // are copied by SessionOptionsAppendExecutionProvider_CUDA_V2.
     unsafe {
-        ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut opts))
-            .map_err(ort_err)?;
+        ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut opts)).map_err(ort_err)?;
         let status = (api.SessionOptionsAppendExecutionProvider_CUDA_V2)(builder.ptr_mut(), opts);
         (api.ReleaseCUDAProviderOptions)(opts);
-        ort::Error::result_from_status(status)
-            .map_err(ort_err)
-            .context("enabling CUDAExecutionProvider")?;
+        ort::Error::result_from_status(status).map_err(ort_err).context("enabling CUDAExecutionProvider")?;
     }
     Ok(())
 }
@@ -222,10 +204,7 @@ mod tests {
             ir_version: Some(8),
             opset_import: domains
                 .iter()
-                .map(|d| OperatorSetIdProto {
-                    domain: Some(d.to_string()),
-                    version: Some(1),
-                })
+                .map(|d| OperatorSetIdProto { domain: Some(d.to_string()), version: Some(1) })
                 .collect(),
             ..Default::default()
         }
@@ -242,29 +221,16 @@ mod tests {
     #[test]
     fn plugin_search_order_and_errors() {
         let explicit = Path::new("/nonexistent/libx.so");
-        assert_eq!(
-            plugin_candidates(Some(explicit)),
-            vec![explicit.to_path_buf()]
-        );
+        assert_eq!(plugin_candidates(Some(explicit)), vec![explicit.to_path_buf()]);
         let c = plugin_candidates(None);
-        assert_eq!(
-            c.last().unwrap(),
-            &Path::new("target/release").join(PLUGIN_FILE)
-        );
-        let exe_dir = std::env::current_exe()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        assert_eq!(c.last().unwrap(), &Path::new("target/release").join(PLUGIN_FILE));
+        let exe_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
         assert_eq!(c[0], exe_dir.join(PLUGIN_FILE));
         let e = format!("{:#}", find_plugin(Some(explicit)).unwrap_err());
         assert!(e.contains("/nonexistent/libx.so"), "{e}");
         if !c.iter().any(|p| p.is_file()) {
             let e = format!("{:#}", find_plugin(None).unwrap_err());
-            assert!(
-                e.contains("cargo build --release") && e.contains("--plugin"),
-                "{e}"
-            );
+            assert!(e.contains("cargo build --release") && e.contains("--plugin"), "{e}");
         }
     }
 }

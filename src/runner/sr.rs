@@ -31,12 +31,7 @@ pub struct Chw {
 impl Chw {
     /// A zero tensor.
     pub fn zeros(channels: usize, height: usize, width: usize) -> Self {
-        Chw {
-            channels,
-            height,
-            width,
-            data: vec![0.0; channels * height * width],
-        }
+        Chw { channels, height, width, data: vec![0.0; channels * height * width] }
     }
 
     /// RGB pixels / 255 as f32 (the protocol's `lr.astype(float32) / 255`).
@@ -54,12 +49,7 @@ impl Chw {
     /// A one-channel tensor from f64 values / 255 (the protocol's `(y / 255).astype(float32)`).
     pub fn from_y(height: usize, width: usize, y: &[f64]) -> Self {
         let data = y.iter().map(|v| (v / 255.0) as f32).collect();
-        Chw {
-            channels: 1,
-            height,
-            width,
-            data,
-        }
+        Chw { channels: 1, height, width, data }
     }
 
     /// The `[y0, y1) x [x0, x1)` window.
@@ -72,28 +62,17 @@ impl Chw {
                 data.extend_from_slice(&self.data[base + x0..base + x1]);
             }
         }
-        Chw {
-            channels: self.channels,
-            height: h,
-            width: w,
-            data,
-        }
+        Chw { channels: self.channels, height: h, width: w, data }
     }
 
     /// RGB from a 3-channel output in [0, 1]: `clip(round(y * 255))` (half to even, in f32).
     pub fn to_rgb(&self) -> Result<Image> {
-        ensure!(
-            self.channels == 3,
-            "expected a 3-channel output, got {}",
-            self.channels
-        );
+        ensure!(self.channels == 3, "expected a 3-channel output, got {}", self.channels);
         let n = self.height * self.width;
         let mut img = Image::new(self.height, self.width, 3);
         for i in 0..n {
             for c in 0..3 {
-                let v = (self.data[c * n + i] * 255.0)
-                    .round_ties_even()
-                    .clamp(0.0, 255.0);
+                let v = (self.data[c * n + i] * 255.0).round_ties_even().clamp(0.0, 255.0);
                 img.data[i * 3 + c] = v as u8;
             }
         }
@@ -137,10 +116,7 @@ pub struct Tiling {
 
 impl Tiling {
     /// The whole image in one run.
-    pub const NONE: Tiling = Tiling {
-        tile: 0,
-        overlap: 0,
-    };
+    pub const NONE: Tiling = Tiling { tile: 0, overlap: 0 };
 }
 
 /// An ONNX SR model in a session, with its kind.
@@ -160,42 +136,23 @@ impl SrModel {
         let session = open_session(path, cfg)?;
         let mut m = SrModel {
             session,
-            kind: ModelKind {
-                channels: Channels::Rgb,
-                factor: 1,
-            },
+            kind: ModelKind { channels: Channels::Rgb, factor: 1 },
             path: path.to_path_buf(),
             progress_above: 4,
         };
-        m.kind = m
-            .probe()
-            .with_context(|| format!("probing {}", path.display()))?;
+        m.kind = m.probe().with_context(|| format!("probing {}", path.display()))?;
         Ok(m)
     }
 
     fn probe(&mut self) -> Result<ModelKind> {
         let inputs = self.session.inputs();
-        ensure!(
-            inputs.len() == 1,
-            "expected one model input, found {}",
-            inputs.len()
-        );
-        let shape = inputs[0]
-            .dtype()
-            .tensor_shape()
-            .context("the model input is not a tensor")?;
-        ensure!(
-            shape.len() == 4,
-            "expected an NCHW input, got shape {:?}",
-            &shape[..]
-        );
+        ensure!(inputs.len() == 1, "expected one model input, found {}", inputs.len());
+        let shape = inputs[0].dtype().tensor_shape().context("the model input is not a tensor")?;
+        ensure!(shape.len() == 4, "expected an NCHW input, got shape {:?}", &shape[..]);
         let channels = match shape[1] {
             3 => Channels::Rgb,
             1 => Channels::Y,
-            c => bail!(
-                "expected 1 or 3 input channels, got {c} (input shape {:?})",
-                &shape[..]
-            ),
+            c => bail!("expected 1 or 3 input channels, got {c} (input shape {:?})", &shape[..]),
         };
         let c = if channels == Channels::Rgb { 3 } else { 1 };
         let out = self.infer(&Chw {
@@ -204,21 +161,14 @@ impl SrModel {
             width: PROBE,
             data: vec![0.5; c * PROBE * PROBE],
         })?;
-        ensure!(
-            out.channels == c,
-            "output has {} channels, input {c}",
-            out.channels
-        );
+        ensure!(out.channels == c, "output has {} channels, input {c}", out.channels);
         ensure!(
             out.height % PROBE == 0 && out.height == out.width && out.height >= PROBE,
             "a {PROBE}x{PROBE} input gave a {}x{} output: not an integer upscaling",
             out.height,
             out.width
         );
-        Ok(ModelKind {
-            channels,
-            factor: out.height / PROBE,
-        })
+        Ok(ModelKind { channels, factor: out.height / PROBE })
     }
 
     /// The model's kind.
@@ -246,11 +196,7 @@ impl SrModel {
             .map_err(ort_err)
             .with_context(|| format!("running {}", self.path.display()))?;
         let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
-        ensure!(
-            shape.len() == 4 && shape[0] == 1,
-            "expected a [1, C, H, W] output, got {:?}",
-            &shape[..]
-        );
+        ensure!(shape.len() == 4 && shape[0] == 1, "expected a [1, C, H, W] output, got {:?}", &shape[..]);
         Ok(Chw {
             channels: shape[1] as usize,
             height: shape[2] as usize,
@@ -267,10 +213,8 @@ impl SrModel {
         }
         let f = self.kind.factor;
         let (h, w) = (x.height, x.width);
-        let tiles: Vec<(usize, usize)> = (0..h)
-            .step_by(t)
-            .flat_map(|y| (0..w).step_by(t).map(move |xx| (y, xx)))
-            .collect();
+        let tiles: Vec<(usize, usize)> =
+            (0..h).step_by(t).flat_map(|y| (0..w).step_by(t).map(move |xx| (y, xx))).collect();
         let show = tiles.len() > self.progress_above;
         let mut out: Option<Chw> = None;
         for (n, &(y0, x0)) in tiles.iter().enumerate() {
@@ -278,10 +222,7 @@ impl SrModel {
                 eprint!("\r{}: tile {}/{}", self.path.display(), n + 1, tiles.len());
             }
             let (y1, x1) = ((y0 + t).min(h), (x0 + t).min(w));
-            let (ey0, ex0) = (
-                y0.saturating_sub(tiling.overlap),
-                x0.saturating_sub(tiling.overlap),
-            );
+            let (ey0, ex0) = (y0.saturating_sub(tiling.overlap), x0.saturating_sub(tiling.overlap));
             let (ey1, ex1) = ((y1 + tiling.overlap).min(h), (x1 + tiling.overlap).min(w));
             let part = self.infer(&x.crop(ey0, ey1, ex0, ex1))?;
             ensure!(
@@ -324,11 +265,7 @@ impl SrModel {
         ensure!(lr.channels == 3, "expected an RGB image");
         let kind = self.kind;
         if !kind.pre_upsampled() && kind.factor != scale {
-            bail!(
-                "{} upscales by {}, not by the requested {scale}",
-                self.path.display(),
-                kind.factor
-            );
+            bail!("{} upscales by {}, not by the requested {scale}", self.path.display(), kind.factor);
         }
         let needs_bic = kind.pre_upsampled() || kind.channels == Channels::Y;
         let owned;
@@ -369,11 +306,8 @@ impl SrModel {
                     bic.width
                 );
                 // numpy: out * 255 and clip stay in float32, so does `y - 16` in rgb_from_ycbcr.
-                let y: Vec<f64> = out
-                    .data
-                    .iter()
-                    .map(|&v| ((v * 255.0).clamp(0.0, 255.0) - 16.0) as f64 + 16.0)
-                    .collect();
+                let y: Vec<f64> =
+                    out.data.iter().map(|&v| ((v * 255.0).clamp(0.0, 255.0) - 16.0) as f64 + 16.0).collect();
                 rgb_from_ycbcr(out.height, out.width, &y, &cb, &cr)
             }
         };
@@ -391,8 +325,8 @@ impl SrModel {
 pub(crate) mod tests {
     use super::*;
     use crate::onnx::{
-        AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-        TensorShapeProto, TypeProto, ValueInfoProto,
+        AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+        TypeProto, ValueInfoProto,
         attribute_proto::AttributeType,
         tensor_shape_proto::{Dimension, dimension::Value as Dim},
         type_proto,
@@ -400,10 +334,7 @@ pub(crate) mod tests {
     use prost::Message;
 
     fn value_info(name: &str, c: i64) -> ValueInfoProto {
-        let dim = |v: Dim| Dimension {
-            value: Some(v),
-            ..Default::default()
-        };
+        let dim = |v: Dim| Dimension { value: Some(v), ..Default::default() };
         ValueInfoProto {
             name: Some(name.into()),
             r#type: Some(TypeProto {
@@ -465,12 +396,7 @@ pub(crate) mod tests {
     /// receptive-field radius is 2 input pixels. `r == 1` makes a pre-upsampled model.
     pub(crate) fn tiny_model(c: i64, r: i64) -> Vec<u8> {
         let conv = |i: &str, w: &str, b: &str, o: &str| {
-            node(
-                "Conv",
-                &[i, w, b],
-                o,
-                vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
-            )
+            node("Conv", &[i, w, b], o, vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])])
         };
         let oc = c * r * r;
         let mut nodes = vec![
@@ -499,10 +425,7 @@ pub(crate) mod tests {
         };
         ModelProto {
             ir_version: Some(8),
-            opset_import: vec![OperatorSetIdProto {
-                domain: Some(String::new()),
-                version: Some(17),
-            }],
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
             producer_name: Some("ghostsr-tests".into()),
             graph: Some(graph),
             ..Default::default()
@@ -514,10 +437,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tiny.onnx");
         std::fs::write(&p, tiny_model(c, r)).unwrap();
-        let cfg = SessionConfig {
-            threads: 1,
-            ..Default::default()
-        };
+        let cfg = SessionConfig { threads: 1, ..Default::default() };
         let m = SrModel::open(&p, &cfg).expect("open the tiny model (is ORT_DYLIB_PATH set?)");
         (dir, m)
     }
@@ -533,29 +453,11 @@ pub(crate) mod tests {
     #[test]
     fn detects_model_kinds() {
         let (_d, m) = open_tiny(3, 2);
-        assert_eq!(
-            m.kind(),
-            ModelKind {
-                channels: Channels::Rgb,
-                factor: 2
-            }
-        );
+        assert_eq!(m.kind(), ModelKind { channels: Channels::Rgb, factor: 2 });
         let (_d, m) = open_tiny(1, 3);
-        assert_eq!(
-            m.kind(),
-            ModelKind {
-                channels: Channels::Y,
-                factor: 3
-            }
-        );
+        assert_eq!(m.kind(), ModelKind { channels: Channels::Y, factor: 3 });
         let (_d, m) = open_tiny(1, 1);
-        assert_eq!(
-            m.kind(),
-            ModelKind {
-                channels: Channels::Y,
-                factor: 1
-            }
-        );
+        assert_eq!(m.kind(), ModelKind { channels: Channels::Y, factor: 1 });
         assert!(m.kind().pre_upsampled());
     }
 
@@ -566,43 +468,16 @@ pub(crate) mod tests {
         let x = pattern(3, 37, 29);
         let whole = m.infer(&x).unwrap();
         assert_eq!((whole.channels, whole.height, whole.width), (3, 74, 58));
-        for tiling in [
-            Tiling {
-                tile: 8,
-                overlap: 2,
-            },
-            Tiling {
-                tile: 10,
-                overlap: 4,
-            },
-        ] {
+        for tiling in [Tiling { tile: 8, overlap: 2 }, Tiling { tile: 10, overlap: 4 }] {
             let tiled = m.infer_tiled(&x, tiling).unwrap();
             assert_eq!((tiled.height, tiled.width), (74, 58));
-            let diff = whole
-                .data
-                .iter()
-                .zip(&tiled.data)
-                .map(|(a, b)| (a - b).abs());
+            let diff = whole.data.iter().zip(&tiled.data).map(|(a, b)| (a - b).abs());
             let max = diff.fold(0.0f32, f32::max);
             assert!(max < 1e-5, "{tiling:?}: max diff {max}");
         }
         // Too little overlap for the receptive field is visibly different.
-        let bad = m
-            .infer_tiled(
-                &x,
-                Tiling {
-                    tile: 8,
-                    overlap: 0,
-                },
-            )
-            .unwrap();
-        assert!(
-            whole
-                .data
-                .iter()
-                .zip(&bad.data)
-                .any(|(a, b)| (a - b).abs() > 1e-4)
-        );
+        let bad = m.infer_tiled(&x, Tiling { tile: 8, overlap: 0 }).unwrap();
+        assert!(whole.data.iter().zip(&bad.data).any(|(a, b)| (a - b).abs() > 1e-4));
     }
 
     #[test]
@@ -613,17 +488,7 @@ pub(crate) mod tests {
         assert_eq!((sr.height, sr.width, sr.channels), (12, 10, 3));
         assert!(m.super_resolve(&lr, 3, None, Tiling::NONE).is_err());
         let (_d, mut m) = open_tiny(1, 1);
-        let sr = m
-            .super_resolve(
-                &lr,
-                3,
-                None,
-                Tiling {
-                    tile: 8,
-                    overlap: 2,
-                },
-            )
-            .unwrap();
+        let sr = m.super_resolve(&lr, 3, None, Tiling { tile: 8, overlap: 2 }).unwrap();
         assert_eq!((sr.height, sr.width), (18, 15));
         let (_d, mut m) = open_tiny(1, 2);
         let sr = m.super_resolve(&lr, 2, None, Tiling::NONE).unwrap();

@@ -45,25 +45,15 @@ pub struct UpscaleArgs {
 /// Runs the `upscale` verb.
 pub fn run(args: UpscaleArgs) -> Result<()> {
     if args.output.exists() && !args.force {
-        bail!(
-            "{} exists; pass --force to overwrite it",
-            args.output.display()
-        );
+        bail!("{} exists; pass --force to overwrite it", args.output.display());
     }
-    let cfg = SessionConfig {
-        threads: args.threads,
-        plugin: args.plugin.clone(),
-        ..Default::default()
-    };
+    let cfg = SessionConfig { threads: args.threads, plugin: args.plugin.clone(), ..Default::default() };
     let mut model = SrModel::open(&args.model, &cfg)?;
     let kind = model.kind();
     let scale = match (args.scale, kind.pre_upsampled()) {
         (Some(s), _) => s,
         (None, false) => kind.factor,
-        (None, true) => bail!(
-            "{} takes a bicubic-upscaled input; pass --scale",
-            args.model.display()
-        ),
+        (None, true) => bail!("{} takes a bicubic-upscaled input; pass --scale", args.model.display()),
     };
     if scale == 0 {
         bail!("--scale must be at least 1");
@@ -71,15 +61,7 @@ pub fn run(args: UpscaleArgs) -> Result<()> {
     let lr = load_rgb(&args.input)?;
     let t0 = std::time::Instant::now();
     let sr = model
-        .super_resolve(
-            &lr,
-            scale,
-            None,
-            Tiling {
-                tile: args.tile,
-                overlap: args.overlap,
-            },
-        )
+        .super_resolve(&lr, scale, None, Tiling { tile: args.tile, overlap: args.overlap })
         .with_context(|| format!("upscaling {}", args.input.display()))?;
     save_rgb(&args.output, &sr)?;
     eprintln!(

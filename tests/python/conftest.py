@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ SHARED = REPO.parent / "shared"
 MODELS_DIR = SHARED / "models"
 IMAGES_DIR = SHARED / "images" / "Set5"
 BIN = Path(os.environ.get("GHOSTSR_BIN", REPO / "target" / "release" / "ghostsr"))
+# the GhostShift onnxruntime plugin (same default as test_plugin.py); plugin-form models only
+PLUGIN = Path(os.environ.get("GHOSTSR_PLUGIN", REPO / "target" / "release" / "libghostsr.so"))
 
 SHARED_MODELS = sorted(p.name for p in MODELS_DIR.glob("*.onnx"))
 
@@ -202,12 +205,15 @@ def feed_for(model) -> dict[str, np.ndarray]:
     raise AssertionError(f"unexpected input channel count {channels}")
 
 
-def session(model) -> ort.InferenceSession:
+def session(model, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            plugin: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    if plugin:
+        opts.register_custom_ops_library(str(PLUGIN))
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
-    # basic optimisations only: session creation stays quick on graphs with many small nodes
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # basic optimisations by default: session creation stays quick on graphs with many nodes
+    opts.graph_optimization_level = level
     opts.log_severity_level = 3
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
@@ -234,19 +240,39 @@ def reference_outputs(original: Path, plan: dict) -> list[np.ndarray]:
     return run_model(ref, feed_for(ref))
 
 
-def assert_close_to_range(actual: list[np.ndarray], expected: list[np.ndarray],
-                          rel: float = 1e-4, what: str = "") -> float:
-    """max |diff| <= rel * (max - min of the expected output); returns the ratio."""
-    assert len(actual) == len(expected)
-    worst = 0.0
-    for a, e in zip(actual, expected):
-        assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-        assert np.isfinite(a).all(), f"{what}: non-finite values"
-        span = float(e.max() - e.min())
-        diff = float(np.abs(a.astype(np.float64) - e.astype(np.float64)).max())
-        assert span > 0, f"{what}: constant output"
-        assert diff <= rel * span, (
-            f"{what}: max|diff| {diff:.3e} > {rel:g} * range {span:.4g} (= {rel * span:.3e})"
-        )
-        worst = max(worst, diff / span)
-    return worst
+def assert_matches_reference(model_path: Path, original: Path, plan: dict, what: str = "",
+                             rel: float = 1e-4, plugin: bool = False) -> list[np.ndarray]:
+    """The rewritten model equals build_reference(original, plan) on the crops:
+    per crop, max |diff| <= rel * (max - min of the reference output for that crop).
+
+    A ghosted network can be ill-conditioned (PAN at λ=0.5 can blow up to |y| ~ 1e4 on a crop,
+    where float32 rounding order alone moves the output by tens). For such a crop only, the
+    tolerance grows to 4x the reference's own disagreement with itself when onnxruntime runs
+    it with all graph optimisations (fused kernels, other rounding order, same maths). A
+    warning names every crop checked that way; well-conditioned crops are always held to
+    `rel`.
+    """
+    ref_model = build_reference(onnx.load(str(original)), plan)
+    feed = feed_for(ref_model)
+    ref = session(ref_model).run(None, feed)
+    got = session(model_path, plugin=plugin).run(None, feed)
+    assert len(got) == len(ref)
+    ref_alt = None
+    for k, (a, e) in enumerate(zip(got, ref)):
+        assert a.shape == e.shape, f"{what}: output {k} shape {a.shape} != reference {e.shape}"
+        for i in range(e.shape[0]):
+            span = float(e[i].max() - e[i].min())
+            assert span > 0, f"{what}: constant reference output on crop {i}"
+            diff = float(np.abs(a[i].astype(np.float64) - e[i]).max())
+            tol = rel * span
+            if diff <= tol:
+                continue
+            if ref_alt is None:
+                ref_alt = session(ref_model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(
+                    None, feed)
+            noise = float(np.abs(ref_alt[k][i].astype(np.float64) - e[i]).max())
+            msg = (f"{what}: crop {i}: max|diff| {diff:.3e} > {rel:g} * range {span:.4g} "
+                   f"(= {tol:.3e}); reference self-noise {noise:.3e}")
+            assert noise > tol / 4 and diff <= 4 * noise, msg
+            warnings.warn(f"ill-conditioned, checked against 4x self-noise: {msg}")
+    return ref

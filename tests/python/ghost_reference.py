@@ -161,6 +161,16 @@ def _elem_dtype(graph: onnx.GraphProto, conv: onnx.NodeProto):
 
 def build_reference(original: onnx.ModelProto, plan: dict) -> onnx.ModelProto:
     """The original model with the plan's substitution applied after each listed Conv."""
+    return build_reference_with_names(original, plan)[0]
+
+
+def build_reference_with_names(original: onnx.ModelProto,
+                               plan: dict) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """build_reference, plus {conv_output: name of its substituted tensor in the reference}.
+
+    In the reference, `conv_output` itself still carries the Conv's untouched output; the
+    tensor that the rest of the network reads (what the plan says the layer outputs) is the
+    substituted one."""
     assert plan.get("format") == "ghostsr-plan", plan.get("format")
     assert int(plan.get("version", 1)) == 1
     max_shift = int(plan.get("max_shift", 1))
@@ -205,7 +215,7 @@ def build_reference(original: onnx.ModelProto, plan: dict) -> onnx.ModelProto:
         if out.name in renamed:
             out.name = renamed[out.name]
     # value_info of the rewritten tensors stays valid (same shape), nothing else to fix
-    return model
+    return model, renamed
 
 
 def channel_semantics(y: np.ndarray, layer: dict) -> np.ndarray:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of ghostsr, from a fresh machine: creates .venv with the pinned Python
+# packages (ONNX Runtime 1.31.1, whose libonnxruntime.so the Rust side loads through
+# ORT_DYLIB_PATH; onnx, numpy, pillow and pytest for the cross-checks), builds the release
+# binary and the GhostShift plugin, then runs the Rust tests and the Python cross-checks.
+#
+#   scripts/test.sh            everything (what CI runs)
+#   SKIP_LINT=1 scripts/test.sh  without rustfmt/clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=${GHOSTSR_VENV:-$root/.venv}
+
+if ! "$venv/bin/python" -c "import onnxruntime, onnx, numpy, PIL, pytest" 2>/dev/null; then
+  echo "== setting up $venv (pinned Python packages)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+fi
+ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -n 1)
+export ORT_DYLIB_PATH
+
+if [ -z "${SKIP_LINT:-}" ]; then
+  echo "== rustfmt and clippy"
+  cargo fmt --check
+  cargo clippy --release --all-targets -- -D warnings
+fi
+
+echo "== build (release: the ghostsr binary and target/release/libghostsr.so)"
+cargo build --release --all-targets
+
+echo "== Rust tests"
+cargo test --release
+
+echo "== Python cross-checks (onnxruntime $("$venv/bin/python" -c 'import onnxruntime; print(onnxruntime.__version__)'))"
+GHOSTSR_BIN=$root/target/release/ghostsr GHOSTSR_PLUGIN=$root/target/release/libghostsr.so \
+  "$venv/bin/python" -m pytest tests/python -q
