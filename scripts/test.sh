@@ -34,3 +34,18 @@ cargo test --release
 echo "== Python cross-checks (onnxruntime $("$venv/bin/python" -c 'import onnxruntime; print(onnxruntime.__version__)'))"
 GHOSTSR_BIN=$root/target/release/ghostsr GHOSTSR_PLUGIN=$root/target/release/libghostsr.so \
   "$venv/bin/python" -m pytest tests/python -q
+
+echo "== CUDA kernel: compile check (--features cuda; nvcc from PyPI, runs only on a GPU machine)"
+cuda_venv=${GHOSTSR_CUDA_VENV:-$root/.venv-cuda}
+cuda_home=$(ls -d "$cuda_venv"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -n 1 || true)
+if [ -z "$cuda_home" ] || [ ! -x "$cuda_home/bin/nvcc" ]; then
+  python3 -m venv "$cuda_venv"
+  "$cuda_venv/bin/pip" install -q --disable-pip-version-check \
+    "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"
+  cuda_home=$(ls -d "$cuda_venv"/lib/python3*/site-packages/nvidia/cu13 | head -n 1)
+fi
+# A separate target dir keeps the CPU build above untouched.
+GHOSTSR_CUDA_HOME=$cuda_home CARGO_TARGET_DIR=$root/target/cuda cargo build --release --features cuda --lib
+exports=$(nm -D --defined-only "$root/target/cuda/release/libghostsr.so" | awk '$2 == "T" {print $3}')
+[ "$exports" = "RegisterCustomOps" ] || { echo "CUDA plugin exports: $exports"; exit 1; }
+echo "CUDA plugin built: target/cuda/release/libghostsr.so (exports only RegisterCustomOps)"

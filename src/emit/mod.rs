@@ -320,7 +320,7 @@ impl<'a> Emitter<'a> {
             None => None,
         };
         let kept = &layer.intrinsic;
-        if kept.len() % conv.group != 0 {
+        if !kept.len().is_multiple_of(conv.group) {
             bail!("{} intrinsic filters do not divide into {} groups", kept.len(), conv.group);
         }
         let mut w_red: Vec<f32> = Vec::with_capacity(kept.len() * dim);

@@ -67,12 +67,11 @@ impl<'a> GraphIndex<'a> {
                 }
                 defined.insert(out.as_str());
             }
-            if n.op_type() == "Constant" {
-                if let (Some(t), Some(out)) =
+            if n.op_type() == "Constant"
+                && let (Some(t), Some(out)) =
                     (onnx::attr(n, "value").and_then(|a| a.t.as_ref()), n.output.first())
-                {
-                    constants.insert(out.as_str(), t);
-                }
+            {
+                constants.insert(out.as_str(), t);
             }
         }
         Ok(Self { graph, initializers, constants, producer, consumers, graph_inputs, graph_outputs })

@@ -40,10 +40,10 @@ pub fn infer(index: &GraphIndex<'_>, probe: i64) -> Shapes {
     let mut s = Shapes { probe, ..Default::default() };
     for t in &index.graph.initializer {
         s.dims.insert(onnx::tensor_name(t).to_string(), t.dims.clone());
-        if t.dims.iter().product::<i64>() <= 64 {
-            if let Ok(v) = onnx::tensor_i64(t) {
-                s.values.insert(onnx::tensor_name(t).to_string(), v);
-            }
+        if t.dims.iter().product::<i64>() <= 64
+            && let Ok(v) = onnx::tensor_i64(t)
+        {
+            s.values.insert(onnx::tensor_name(t).to_string(), v);
         }
     }
     for vi in &index.graph.input {
@@ -175,36 +175,36 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
             }
         }
         "ConvTranspose" => {
-            if let (Some(x), Some(w)) = (&x, in_dims(1)) {
-                if w.len() >= 3 && x.len() == w.len() {
-                    let kernel = w[2..].to_vec();
-                    let nd = kernel.len();
-                    let group = onnx::attr_i(node, "group").unwrap_or(1);
-                    let (st, dil, pads, _) = spatial_attrs(node, &kernel);
-                    let opad = onnx::attr_ints(node, "output_padding")
-                        .filter(|v| v.len() == nd)
-                        .unwrap_or(vec![0; nd]);
-                    let mut o = vec![x[0], w[1] * group];
-                    if let Some(os) = onnx::attr_ints(node, "output_shape").filter(|v| v.len() == nd) {
-                        o.extend(os);
-                    } else {
-                        for i in 0..nd {
-                            o.push(
-                                st[i] * (x[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
-                                    - pads[i]
-                                    - pads[nd + i],
-                            );
-                        }
+            if let (Some(x), Some(w)) = (&x, in_dims(1))
+                && w.len() >= 3
+                && x.len() == w.len()
+            {
+                let kernel = w[2..].to_vec();
+                let nd = kernel.len();
+                let group = onnx::attr_i(node, "group").unwrap_or(1);
+                let (st, dil, pads, _) = spatial_attrs(node, &kernel);
+                let opad =
+                    onnx::attr_ints(node, "output_padding").filter(|v| v.len() == nd).unwrap_or(vec![0; nd]);
+                let mut o = vec![x[0], w[1] * group];
+                if let Some(os) = onnx::attr_ints(node, "output_shape").filter(|v| v.len() == nd) {
+                    o.extend(os);
+                } else {
+                    for i in 0..nd {
+                        o.push(
+                            st[i] * (x[2 + i] - 1) + opad[i] + (kernel[i] - 1) * dil[i] + 1
+                                - pads[i]
+                                - pads[nd + i],
+                        );
                     }
-                    outs[0] = Some(o);
                 }
+                outs[0] = Some(o);
             }
         }
         "GhostShift" => {
-            if let (Some(x), Some(src)) = (&x, onnx::attr_ints(node, "sources")) {
-                if x.len() == 4 {
-                    outs[0] = Some(vec![x[0], src.len() as i64, x[2], x[3]]);
-                }
+            if let (Some(x), Some(src)) = (&x, onnx::attr_ints(node, "sources"))
+                && x.len() == 4
+            {
+                outs[0] = Some(vec![x[0], src.len() as i64, x[2], x[3]]);
             }
         }
         "Relu"
@@ -318,14 +318,15 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
             }
         }
         "DepthToSpace" | "SpaceToDepth" => {
-            if let (Some(x), Some(b)) = (&x, onnx::attr_i(node, "blocksize")) {
-                if x.len() == 4 && b > 0 {
-                    outs[0] = Some(if op == "DepthToSpace" {
-                        vec![x[0], x[1] / (b * b), x[2] * b, x[3] * b]
-                    } else {
-                        vec![x[0], x[1] * b * b, x[2] / b, x[3] / b]
-                    });
-                }
+            if let (Some(x), Some(b)) = (&x, onnx::attr_i(node, "blocksize"))
+                && x.len() == 4
+                && b > 0
+            {
+                outs[0] = Some(if op == "DepthToSpace" {
+                    vec![x[0], x[1] / (b * b), x[2] * b, x[3] * b]
+                } else {
+                    vec![x[0], x[1] * b * b, x[2] / b, x[3] / b]
+                });
             }
         }
         "Resize" | "Upsample" => {
@@ -398,14 +399,11 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                 if let (Some(v), Some(idx)) = (
                     node.input.first().and_then(|n| int_input(index, s, n)),
                     int_input(index, s, &node.input[1]),
-                ) {
-                    if axis == 0 {
-                        let n = v.len() as i64;
-                        out_values[0] = idx
-                            .iter()
-                            .map(|&i| v.get(if i < 0 { i + n } else { i } as usize).copied())
-                            .collect();
-                    }
+                ) && axis == 0
+                {
+                    let n = v.len() as i64;
+                    out_values[0] =
+                        idx.iter().map(|&i| v.get(if i < 0 { i + n } else { i } as usize).copied()).collect();
                 }
             }
         }
@@ -437,10 +435,10 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                     .map(|(i, &d)| if d == 0 { *x.get(i).unwrap_or(&0) } else { d })
                     .collect();
                 let known: i64 = o.iter().filter(|&&d| d != -1).product();
-                if let Some(p) = o.iter().position(|&d| d == -1) {
-                    if known != 0 {
-                        o[p] = total / known;
-                    }
+                if let Some(p) = o.iter().position(|&d| d == -1)
+                    && known != 0
+                {
+                    o[p] = total / known;
                 }
                 outs[0] = Some(o);
             }

@@ -245,7 +245,8 @@ mod tests {
 
     #[test]
     fn invalid_layers_name_the_problem() {
-        let cases: Vec<(Box<dyn Fn(&mut LayerPlan)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut LayerPlan)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|l| l.ghosts[0].source = 1), "not an intrinsic"),
             (Box::new(|l| l.ghosts[0].shift = [0, 2]), "beyond max_shift"),
             (Box::new(|l| l.ghosts[1].channel = 1), "listed twice"),

@@ -132,11 +132,28 @@ def test_standard_matches_reference(name, convert):
 @pytest.mark.parametrize("name", SHARED_MODELS)
 def test_plugin_form_matches_reference(name, convert):
     """The plugin form, run with the GhostShift plugin (libghostsr.so), equals the reference."""
-    if not PLUGIN.is_file():
-        pytest.skip(f"GhostShift plugin not built at {PLUGIN}")
+    assert PLUGIN.is_file(), f"GhostShift plugin not built at {PLUGIN} (cargo build --release)"
     path = MODELS_DIR / name
     out, plan = convert(path, "--ratio", "0.5", "--emit", "plugin", *convert_args(name))
     assert_matches_reference(out, path, plan, what=f"{name} (plugin)", plugin=True)
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_plugin_form_equals_standard_form(name, convert):
+    """Python onnxruntime with register_custom_ops_library runs the plugin form of every model,
+    and it equals the standard form (same plan) within 1e-5 of the output range."""
+    assert PLUGIN.is_file(), f"GhostShift plugin not built at {PLUGIN} (cargo build --release)"
+    path = MODELS_DIR / name
+    plugin_out, plugin_plan = convert(path, "--ratio", "0.5", "--emit", "plugin", *convert_args(name))
+    standard_out, standard_plan = convert(path, "--ratio", "0.5", "--emit", "standard", *convert_args(name))
+    assert plugin_plan == standard_plan
+    feed = feed_for(path)
+    got = session(plugin_out, plugin=True).run(None, feed)
+    want = session(standard_out).run(None, feed)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        tol = 1e-5 * max(float(w.max() - w.min()), 1e-12)
+        assert float(np.abs(g - w).max()) <= tol, f"{name}: max|diff| {np.abs(g - w).max()} > {tol}"
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
