@@ -4,7 +4,8 @@
 //! ghost stage and a Concat. The ghost stage is `ai.ghostsr::GhostShift` in [`EmitMode::Plugin`]
 //! and a Gather + one-hot depthwise Conv in [`EmitMode::Standard`] (standard ops only, exactly the
 //! same function: the depthwise Conv's zero padding is GhostShift's zero fill, its weight the
-//! scale, its bias the bias). The Concat lays channels out as intrinsic-then-ghosts, a
+//! scale, its bias the bias). [`EmitMode::Fused`] drops the Concat: one GhostShift writes every
+//! channel, intrinsic ones as unshifted copies, in the original order. The Concat lays channels out as intrinsic-then-ghosts, a
 //! permutation of the original order; [`channel_order`] carries that permutation through the
 //! rest of the graph, absorbing it where that is exact (Conv/ConvTranspose weights, per-channel
 //! constants, element-wise ops, Concat, Split) and restoring the original order with a Gather
@@ -34,6 +35,10 @@ pub enum EmitMode {
     Plugin,
     /// Standard ONNX ops only (Gather + one-hot depthwise Conv); runs anywhere.
     Standard,
+    /// One `ai.ghostsr::GhostShift` that writes the whole output in the original channel order
+    /// (intrinsic channels as unshifted copies): no Concat, no channel permutation, least memory
+    /// traffic. Needs the plugin.
+    Fused,
 }
 
 /// What the emitter did, for summaries and tests.
@@ -94,7 +99,7 @@ pub fn emit(
     let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
     g.value_info.retain(|v| v.name.as_ref().is_some_and(|n| produced.contains(n)));
     g.value_info.extend(value_info);
-    if mode == EmitMode::Plugin
+    if mode != EmitMode::Standard
         && g.node.iter().any(|n| n.domain.as_deref() == Some(GHOST_SHIFT.domain_str()))
         && !out.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_SHIFT.domain_str()))
     {
@@ -356,102 +361,110 @@ impl<'a> Emitter<'a> {
         self.annotate(&intr, Some(kept.len()));
 
         let pos: HashMap<usize, usize> = kept.iter().enumerate().map(|(j, &c)| (c, j)).collect();
-        let ghosts = layer.ghosts_by_channel();
-        let sources: Vec<i64> = ghosts.iter().map(|g| pos[&g.source] as i64).collect();
+        let entry = |g: &crate::plan::Ghost| Shifted { source: pos[&g.source], shift: g.shift, scale: g.scale(), bias: g.bias() };
+        if self.mode == EmitMode::Fused {
+            // One GhostShift writes the whole output in the original channel order: intrinsic
+            // channels are unshifted copies, so no Concat and no permutation downstream.
+            let by_channel: HashMap<usize, &crate::plan::Ghost> = layer.ghosts.iter().map(|g| (g.channel, g)).collect();
+            let entries: Vec<Shifted> = (0..conv.c_out)
+                .map(|c| match by_channel.get(&c) {
+                    Some(g) => entry(g),
+                    None => Shifted { source: pos[&c], shift: [0, 0], scale: 1.0, bias: 0.0 },
+                })
+                .collect();
+            let stored = self.set_layout(out, None);
+            self.ghost_shift_node(&intr, &entries, &stored, out);
+            self.report.layers_rewritten += 1;
+            return Ok(());
+        }
+        let entries: Vec<Shifted> = layer.ghosts_by_channel().into_iter().map(entry).collect();
         let ghost_out = self.fresh(&format!("{out}/ghostsr_ghosts"));
         match self.mode {
-            EmitMode::Plugin => {
-                let names = GHOST_SHIFT.attrs;
-                let attr = |c: &'static std::ffi::CStr| crate::ops::ghost_shift::cstr_str(c);
-                let mut attrs = vec![
-                    onnx::attr_ints_of(attr(names.sources), sources),
-                    onnx::attr_ints_of(attr(names.shifts), ghosts.iter().flat_map(|g| g.shift).collect()),
-                ];
-                if ghosts.iter().any(|g| g.scale.is_some_and(|s| s != 1.0)) {
-                    attrs.push(onnx::attr_floats_of(
-                        attr(names.scales),
-                        ghosts.iter().map(|g| g.scale()).collect(),
-                    ));
-                }
-                if ghosts.iter().any(|g| g.bias.is_some_and(|b| b != 0.0)) {
-                    attrs.push(onnx::attr_floats_of(
-                        attr(names.biases),
-                        ghosts.iter().map(|g| g.bias()).collect(),
-                    ));
-                }
-                let name = self.fresh(&format!("{out}/ghostsr_shift"));
-                let mut n = onnx::node(GHOST_SHIFT.name_str(), &name, &[&intr], &[&ghost_out], attrs);
-                n.domain = Some(GHOST_SHIFT.domain_str().into());
-                self.nodes.push(n);
-            }
-            EmitMode::Standard => {
-                // Gather the sources, then a depthwise Conv whose one-hot kernel moves each
-                // channel by (dy, dx): with padding m, out[h,w] = sum K[i,j] x[h+i-m, w+j-m],
-                // so the tap at (m-dy, m-dx) reads x[h-dy, w-dx].
-                let idx = self.add_init(
-                    &format!("{out}/ghostsr_source_index"),
-                    onnx::i64_tensor("", &[sources.len() as i64], &sources),
-                );
-                let gathered = self.fresh(&format!("{out}/ghostsr_sources"));
-                let gname = self.fresh(&format!("{out}/ghostsr_gather_sources"));
-                self.nodes.push(onnx::node(
-                    "Gather",
-                    &gname,
-                    &[&intr, &idx],
-                    &[&gathered],
-                    vec![onnx::attr_int("axis", 1)],
-                ));
-                self.annotate(&gathered, Some(ghosts.len()));
-                let m = ghosts.iter().flat_map(|g| g.shift).map(i64::abs).max().unwrap_or(0);
-                let k = (2 * m + 1) as usize;
-                let mut kern = vec![0.0f32; ghosts.len() * k * k];
-                for (gi, g) in ghosts.iter().enumerate() {
-                    let (i, j) = ((m - g.shift[0]) as usize, (m - g.shift[1]) as usize);
-                    kern[gi * k * k + i * k + j] = g.scale();
-                }
-                let c_g = ghosts.len() as i64;
-                let kname = self.add_init(
-                    &format!("{out}/ghostsr_shift_kernel"),
-                    onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern),
-                );
-                let mut ins = vec![gathered.clone(), kname];
-                if ghosts.iter().any(|g| g.bias() != 0.0) {
-                    let b: Vec<f32> = ghosts.iter().map(|g| g.bias()).collect();
-                    ins.push(
-                        self.add_init(&format!("{out}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)),
-                    );
-                }
-                let name = self.fresh(&format!("{out}/ghostsr_shift"));
-                let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
-                self.nodes.push(onnx::node(
-                    "Conv",
-                    &name,
-                    &ins_ref,
-                    &[&ghost_out],
-                    vec![
-                        onnx::attr_int("group", c_g),
-                        onnx::attr_ints_of("kernel_shape", vec![k as i64, k as i64]),
-                        onnx::attr_ints_of("pads", vec![m, m, m, m]),
-                        onnx::attr_ints_of("strides", vec![1, 1]),
-                        onnx::attr_ints_of("dilations", vec![1, 1]),
-                    ],
-                ));
-            }
+            EmitMode::Standard => self.standard_shift(&intr, &entries, &ghost_out, out),
+            _ => self.ghost_shift_node(&intr, &entries, &ghost_out, out),
         }
-        self.annotate(&ghost_out, Some(ghosts.len()));
+        self.annotate(&ghost_out, Some(entries.len()));
         let order: Perm = Rc::new(layer.emitted_order());
         let stored = self.set_layout(out, Some(order));
         let name = self.fresh(&format!("{out}/ghostsr_concat"));
-        self.nodes.push(onnx::node(
-            "Concat",
-            &name,
-            &[&intr, &ghost_out],
-            &[&stored],
-            vec![onnx::attr_int("axis", 1)],
-        ));
+        self.nodes.push(onnx::node("Concat", &name, &[&intr, &ghost_out], &[&stored], vec![onnx::attr_int("axis", 1)]));
         self.report.layers_rewritten += 1;
         Ok(())
     }
+
+    /// `ai.ghostsr::GhostShift(input) -> output` computing `entries` (scales and biases only
+    /// when some differ from 1 and 0).
+    fn ghost_shift_node(&mut self, input: &str, entries: &[Shifted], output: &str, base: &str) {
+        let names = GHOST_SHIFT.attrs;
+        let attr = |c: &'static std::ffi::CStr| crate::ops::ghost_shift::cstr_str(c);
+        let mut attrs = vec![
+            onnx::attr_ints_of(attr(names.sources), entries.iter().map(|e| e.source as i64).collect()),
+            onnx::attr_ints_of(attr(names.shifts), entries.iter().flat_map(|e| e.shift).collect()),
+        ];
+        if entries.iter().any(|e| e.scale != 1.0) {
+            attrs.push(onnx::attr_floats_of(attr(names.scales), entries.iter().map(|e| e.scale).collect()));
+        }
+        if entries.iter().any(|e| e.bias != 0.0) {
+            attrs.push(onnx::attr_floats_of(attr(names.biases), entries.iter().map(|e| e.bias).collect()));
+        }
+        let name = self.fresh(&format!("{base}/ghostsr_shift"));
+        let mut n = onnx::node(GHOST_SHIFT.name_str(), &name, &[input], &[output], attrs);
+        n.domain = Some(GHOST_SHIFT.domain_str().into());
+        self.nodes.push(n);
+    }
+
+    /// The same function as [`Self::ghost_shift_node`] in standard ops: Gather the sources, then
+    /// a depthwise Conv whose one-hot kernel moves each channel by (dy, dx). With padding m,
+    /// `out[h,w] = sum K[i,j] x[h+i-m, w+j-m]`, so the tap at (m-dy, m-dx) reads x[h-dy, w-dx];
+    /// the zero padding is GhostShift's zero fill, the tap's weight the scale, the Conv bias the
+    /// bias.
+    fn standard_shift(&mut self, input: &str, entries: &[Shifted], output: &str, base: &str) {
+        let sources: Vec<i64> = entries.iter().map(|e| e.source as i64).collect();
+        let idx = self.add_init(&format!("{base}/ghostsr_source_index"), onnx::i64_tensor("", &[sources.len() as i64], &sources));
+        let gathered = self.fresh(&format!("{base}/ghostsr_sources"));
+        let gname = self.fresh(&format!("{base}/ghostsr_gather_sources"));
+        self.nodes.push(onnx::node("Gather", &gname, &[input, &idx], &[&gathered], vec![onnx::attr_int("axis", 1)]));
+        self.annotate(&gathered, Some(entries.len()));
+        let m = entries.iter().flat_map(|e| e.shift).map(i64::abs).max().unwrap_or(0);
+        let k = (2 * m + 1) as usize;
+        let mut kern = vec![0.0f32; entries.len() * k * k];
+        for (gi, e) in entries.iter().enumerate() {
+            let (i, j) = ((m - e.shift[0]) as usize, (m - e.shift[1]) as usize);
+            kern[gi * k * k + i * k + j] = e.scale;
+        }
+        let c_g = entries.len() as i64;
+        let kname =
+            self.add_init(&format!("{base}/ghostsr_shift_kernel"), onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern));
+        let mut ins = vec![gathered, kname];
+        if entries.iter().any(|e| e.bias != 0.0) {
+            let b: Vec<f32> = entries.iter().map(|e| e.bias).collect();
+            ins.push(self.add_init(&format!("{base}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)));
+        }
+        let name = self.fresh(&format!("{base}/ghostsr_shift"));
+        let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
+        self.nodes.push(onnx::node(
+            "Conv",
+            &name,
+            &ins_ref,
+            &[output],
+            vec![
+                onnx::attr_int("group", c_g),
+                onnx::attr_ints_of("kernel_shape", vec![k as i64, k as i64]),
+                onnx::attr_ints_of("pads", vec![m, m, m, m]),
+                onnx::attr_ints_of("strides", vec![1, 1]),
+                onnx::attr_ints_of("dilations", vec![1, 1]),
+            ],
+        ));
+    }
+}
+
+/// One output channel of a ghost stage: `scale * shift(input[source], shift) + bias`, with
+/// `source` an index into the reduced Conv's output.
+struct Shifted {
+    source: usize,
+    shift: [i64; 2],
+    scale: f32,
+    bias: f32,
 }
 
 pub(crate) fn is_identity(p: &[usize]) -> bool {

@@ -129,22 +129,28 @@ def test_standard_matches_reference(name, convert):
                for r, o in zip(ref, orig)), "ghosts did not change the output"
 
 
+@pytest.mark.parametrize("form", ["plugin", "fused"])
 @pytest.mark.parametrize("name", SHARED_MODELS)
-def test_plugin_form_matches_reference(name, convert):
-    """The plugin form, run with the GhostShift plugin (libghostsr.so), equals the reference."""
+def test_plugin_form_matches_reference(name, form, convert):
+    """The plugin and fused forms, run with the GhostShift plugin (libghostsr.so), equal the
+    reference."""
     assert PLUGIN.is_file(), f"GhostShift plugin not built at {PLUGIN} (cargo build --release)"
     path = MODELS_DIR / name
-    out, plan = convert(path, "--ratio", "0.5", "--emit", "plugin", *convert_args(name))
-    assert_matches_reference(out, path, plan, what=f"{name} (plugin)", plugin=True)
+    out, plan = convert(path, "--ratio", "0.5", "--emit", form, *convert_args(name))
+    assert_matches_reference(out, path, plan, what=f"{name} ({form})", plugin=True)
 
 
+@pytest.mark.parametrize("form", ["plugin"])
 @pytest.mark.parametrize("name", SHARED_MODELS)
-def test_plugin_form_equals_standard_form(name, convert):
+def test_plugin_form_equals_standard_form(name, form, convert):
     """Python onnxruntime with register_custom_ops_library runs the plugin form of every model,
-    and it equals the standard form (same plan) within 1e-5 of the output range."""
+    and it equals the standard form (same plan, same channel layout) within 1e-5 of the output
+    range. The fused form lays channels out differently, so its consumers sum in another order;
+    on the ghosted PAN, which amplifies rounding, that exceeds 1e-5: it is checked against the
+    reference (test_plugin_form_matches_reference) instead."""
     assert PLUGIN.is_file(), f"GhostShift plugin not built at {PLUGIN} (cargo build --release)"
     path = MODELS_DIR / name
-    plugin_out, plugin_plan = convert(path, "--ratio", "0.5", "--emit", "plugin", *convert_args(name))
+    plugin_out, plugin_plan = convert(path, "--ratio", "0.5", "--emit", form, *convert_args(name))
     standard_out, standard_plan = convert(path, "--ratio", "0.5", "--emit", "standard", *convert_args(name))
     assert plugin_plan == standard_plan
     feed = feed_for(path)
