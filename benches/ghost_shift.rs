@@ -27,9 +27,17 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     println!(
-        "{:<26} {:>10} {:>12} {:>12} {:>12} {:>8}",
-        "case (fp32, N=1)", "MiB moved", "kernel GB/s", "affine GB/s", "memcpy GB/s", "k/copy"
+        "{:<26} {:>10} {:>12} {:>12} {:>12} {:>14} {:>8} {:>10}",
+        "case (fp32, N=1)",
+        "MiB moved",
+        "kernel GB/s",
+        "affine GB/s",
+        "memcpy GB/s",
+        "par copy GB/s",
+        "k/copy",
+        "k/par copy"
     );
+    println!("(kernel and par copy use rayon's {} threads; memcpy is one thread)", rayon::current_num_threads());
     for (c, hw) in [(32usize, 256usize), (32, 128), (64, 64)] {
         let dims = [1, c, hw, hw];
         let x: Vec<f32> = (0..c * hw * hw).map(|i| (i % 977) as f32 * 0.01).collect();
@@ -48,15 +56,26 @@ fn main() {
         let t_plain = time(|| plain.run(black_box(&x), dims, black_box(&mut y)).expect("run"));
         let t_affine = time(|| affine.run(black_box(&x), dims, black_box(&mut y)).expect("run"));
         let t_copy = time(|| black_box(&mut y).copy_from_slice(black_box(&x)));
+        // The same bytes copied plane by plane over the same thread pool as the kernel.
+        let plane = hw * hw;
+        let t_par = time(|| {
+            use rayon::prelude::*;
+            black_box(&mut y)
+                .par_chunks_mut(plane)
+                .zip(black_box(&x).par_chunks(plane))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        });
         let gbs = |t: f64| bytes / t / 1e9;
         println!(
-            "{:<26} {:>10.1} {:>12.2} {:>12.2} {:>12.2} {:>8.2}",
+            "{:<26} {:>10.1} {:>12.2} {:>12.2} {:>12.2} {:>14.2} {:>8.2} {:>10.2}",
             format!("C_i=C_g={c}, {hw}x{hw}"),
             bytes / (1 << 20) as f64,
             gbs(t_plain),
             gbs(t_affine),
             gbs(t_copy),
-            t_copy / t_plain
+            gbs(t_par),
+            t_copy / t_plain,
+            t_par / t_plain
         );
     }
 }
