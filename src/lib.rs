@@ -22,3 +22,4 @@ pub mod plan;
 pub mod plugin;
 pub mod report;
 pub mod runner;
+pub mod weights;
