@@ -37,7 +37,10 @@ fn main() {
         "k/copy",
         "k/par copy"
     );
-    println!("(kernel and par copy use rayon's {} threads; memcpy is one thread)", rayon::current_num_threads());
+    println!(
+        "(kernel and par copy use rayon's {} threads; memcpy is one thread)",
+        rayon::current_num_threads()
+    );
     for (c, hw) in [(32usize, 256usize), (32, 128), (64, 64)] {
         let dims = [1, c, hw, hw];
         let x: Vec<f32> = (0..c * hw * hw).map(|i| (i % 977) as f32 * 0.01).collect();

@@ -394,11 +394,18 @@ fn print_summary(s: &ConvertSummary) {
         thousands(s.macs_per_pixel_after.round() as u64),
         ratio(s.macs_per_pixel_before, s.macs_per_pixel_after)
     );
+    let mut why: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (_, reason) in &s.reorders {
+        *why.entry(reason.as_str()).or_default() += 1;
+    }
     println!(
         "  channel order:  absorbed into {} consumers, {} Gather(s) inserted",
         s.absorbed,
         s.reorders.len()
     );
+    for (reason, n) in why {
+        println!("                  {n} x {reason}");
+    }
     let t = &s.seconds;
     println!(
         "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2})",

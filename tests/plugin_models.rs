@@ -68,7 +68,8 @@ fn plugin_form_equals_standard_form_for_every_shared_model() {
         let m = model::load(&path).unwrap();
         let index = GraphIndex::new(m.graph()).unwrap();
         let analysis = analysis::analyze(&index, &policy(&name)).unwrap();
-        let plan = kmeans::plan_model(&index, &analysis, &m.sha256, &PlanOptions::default(), &|_, _, _| {}).unwrap();
+        let plan =
+            kmeans::plan_model(&index, &analysis, &m.sha256, &PlanOptions::default(), &|_, _, _| {}).unwrap();
         let mut outputs = Vec::new();
         for mode in [EmitMode::Plugin, EmitMode::Standard] {
             let (out, _) = emit::emit(&m.proto, &analysis, &plan, mode).unwrap();

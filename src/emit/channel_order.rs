@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use anyhow::Result;
 
-use super::{Emitter, Perm, is_identity};
+use super::{Emitter, Perm, inverse, is_identity};
 use crate::onnx::{self, NodeProto};
 
 /// Ops that act on each channel independently and keep the channel axis: the layout passes
@@ -362,22 +362,40 @@ fn split(e: &mut Emitter<'_>, node: &NodeProto) {
         e.emit_restored(node, "Split not along channels");
         return;
     };
-    // Exact only if every output's slice holds the same channels as before, in any order.
-    let mut start = 0;
-    let mut parts = Vec::new();
-    for &s in &sizes {
-        let seg = &p[start..start + s];
-        if !seg.iter().all(|&c| c >= start && c < start + s) {
-            e.emit_restored(node, "Split would cut across the permuted channels");
-            return;
+    // If every output's slice holds the same channels as before (in any order), the Split
+    // stays. Otherwise each output is gathered straight from the permuted tensor, its channels
+    // in stored order, so no full restore is needed and the outputs' layouts go on downstream.
+    if sizes.iter().sum::<usize>() != p.len() {
+        e.emit_restored(node, "Split sizes do not cover the channels");
+        return;
+    }
+    let bounds: Vec<(usize, usize)> = sizes
+        .iter()
+        .scan(0, |start, &s| {
+            *start += s;
+            Some((*start - s, *start))
+        })
+        .collect();
+    let preserved = bounds.iter().all(|&(a, b)| p[a..b].iter().all(|&c| (a..b).contains(&c)));
+    if !preserved {
+        let inv = inverse(&p);
+        let stored = e.stored(&x);
+        for (k, &(a, b)) in bounds.iter().enumerate() {
+            let mut positions: Vec<usize> = (a..b).map(|c| inv[c]).collect();
+            positions.sort_unstable();
+            let layout: Vec<usize> = positions.iter().map(|&j| p[j] - a).collect();
+            let out = node.output[k].clone();
+            let layout = if is_identity(&layout) { None } else { Some(Rc::new(layout)) };
+            let name = e.set_layout(&out, layout);
+            e.gather_into(&stored, &positions, &name, &out);
         }
-        parts.push(seg.iter().map(|&c| c - start).collect::<Vec<_>>());
-        start += s;
+        return;
     }
     let mut n = node.clone();
     n.input[0] = e.stored(&x);
     restore_rest(e, &mut n, 1, "Split sizes");
-    for (k, part) in parts.into_iter().enumerate() {
+    for (k, &(a, b)) in bounds.iter().enumerate() {
+        let part: Vec<usize> = p[a..b].iter().map(|&c| c - a).collect();
         let o = node.output[k].clone();
         let layout = if is_identity(&part) { None } else { Some(Rc::new(part)) };
         n.output[k] = e.set_layout(&o, layout);

@@ -246,6 +246,27 @@ impl<'a> Emitter<'a> {
         out
     }
 
+    /// A Gather along channels that stands in for an original op (a Split of a permuted tensor):
+    /// not an extra copy, so not counted as a reorder.
+    pub(crate) fn gather_into(&mut self, input: &str, idx: &[usize], output: &str, original: &str) {
+        let idx64: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+        let ind = self.add_init(
+            &format!("{original}/ghostsr_channels"),
+            onnx::i64_tensor("", &[idx64.len() as i64], &idx64),
+        );
+        let name = self.fresh(&format!("{original}/ghostsr_split"));
+        self.nodes.push(onnx::node(
+            "Gather",
+            &name,
+            &[input, &ind],
+            &[output],
+            vec![onnx::attr_int("axis", 1)],
+        ));
+        if output != original {
+            self.annotate(output, Some(idx.len()));
+        }
+    }
+
     fn gather(&mut self, input: &str, idx: &[usize], output: &str, why: &str, original: &str) {
         let idx64: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
         let ind = self.add_init(
@@ -361,11 +382,17 @@ impl<'a> Emitter<'a> {
         self.annotate(&intr, Some(kept.len()));
 
         let pos: HashMap<usize, usize> = kept.iter().enumerate().map(|(j, &c)| (c, j)).collect();
-        let entry = |g: &crate::plan::Ghost| Shifted { source: pos[&g.source], shift: g.shift, scale: g.scale(), bias: g.bias() };
+        let entry = |g: &crate::plan::Ghost| Shifted {
+            source: pos[&g.source],
+            shift: g.shift,
+            scale: g.scale(),
+            bias: g.bias(),
+        };
         if self.mode == EmitMode::Fused {
             // One GhostShift writes the whole output in the original channel order: intrinsic
             // channels are unshifted copies, so no Concat and no permutation downstream.
-            let by_channel: HashMap<usize, &crate::plan::Ghost> = layer.ghosts.iter().map(|g| (g.channel, g)).collect();
+            let by_channel: HashMap<usize, &crate::plan::Ghost> =
+                layer.ghosts.iter().map(|g| (g.channel, g)).collect();
             let entries: Vec<Shifted> = (0..conv.c_out)
                 .map(|c| match by_channel.get(&c) {
                     Some(g) => entry(g),
@@ -387,7 +414,13 @@ impl<'a> Emitter<'a> {
         let order: Perm = Rc::new(layer.emitted_order());
         let stored = self.set_layout(out, Some(order));
         let name = self.fresh(&format!("{out}/ghostsr_concat"));
-        self.nodes.push(onnx::node("Concat", &name, &[&intr, &ghost_out], &[&stored], vec![onnx::attr_int("axis", 1)]));
+        self.nodes.push(onnx::node(
+            "Concat",
+            &name,
+            &[&intr, &ghost_out],
+            &[&stored],
+            vec![onnx::attr_int("axis", 1)],
+        ));
         self.report.layers_rewritten += 1;
         Ok(())
     }
@@ -420,10 +453,19 @@ impl<'a> Emitter<'a> {
     /// bias.
     fn standard_shift(&mut self, input: &str, entries: &[Shifted], output: &str, base: &str) {
         let sources: Vec<i64> = entries.iter().map(|e| e.source as i64).collect();
-        let idx = self.add_init(&format!("{base}/ghostsr_source_index"), onnx::i64_tensor("", &[sources.len() as i64], &sources));
+        let idx = self.add_init(
+            &format!("{base}/ghostsr_source_index"),
+            onnx::i64_tensor("", &[sources.len() as i64], &sources),
+        );
         let gathered = self.fresh(&format!("{base}/ghostsr_sources"));
         let gname = self.fresh(&format!("{base}/ghostsr_gather_sources"));
-        self.nodes.push(onnx::node("Gather", &gname, &[input, &idx], &[&gathered], vec![onnx::attr_int("axis", 1)]));
+        self.nodes.push(onnx::node(
+            "Gather",
+            &gname,
+            &[input, &idx],
+            &[&gathered],
+            vec![onnx::attr_int("axis", 1)],
+        ));
         self.annotate(&gathered, Some(entries.len()));
         let m = entries.iter().flat_map(|e| e.shift).map(i64::abs).max().unwrap_or(0);
         let k = (2 * m + 1) as usize;
@@ -433,8 +475,10 @@ impl<'a> Emitter<'a> {
             kern[gi * k * k + i * k + j] = e.scale;
         }
         let c_g = entries.len() as i64;
-        let kname =
-            self.add_init(&format!("{base}/ghostsr_shift_kernel"), onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern));
+        let kname = self.add_init(
+            &format!("{base}/ghostsr_shift_kernel"),
+            onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern),
+        );
         let mut ins = vec![gathered, kname];
         if entries.iter().any(|e| e.bias != 0.0) {
             let b: Vec<f32> = entries.iter().map(|e| e.bias).collect();
