@@ -412,3 +412,64 @@ fn print_summary(s: &ConvertSummary) {
         t.total, t.load, t.analyse, t.plan, t.emit, t.save
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ghostsr").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_and_bad_values_are_refused() {
+        let Command::Convert(c) =
+            parse(&["convert", "m.onnx", "-o", "g.onnx", "--ratio", "0.25", "--emit", "standard"])
+                .unwrap()
+                .command
+        else {
+            panic!("not convert")
+        };
+        assert_eq!(c.planning.ratio, Some(0.25));
+        assert_eq!(c.emit, EmitMode::Standard);
+        assert_eq!(c.planning.options().max_shift, 1, "default max shift");
+        for bad in [
+            &["convert", "m.onnx", "-o", "g.onnx", "--ratio", "1.0"][..],
+            &["convert", "m.onnx", "-o", "g.onnx", "--ratio", "-0.1"],
+            &["convert", "m.onnx", "-o", "g.onnx", "--max-shift", "9"],
+            &["convert", "m.onnx", "-o", "g.onnx", "--emit", "other"],
+            &["convert", "m.onnx"],
+            &["plan", "m.onnx"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        let Command::Plan(p) =
+            parse(&["plan", "m.onnx", "-o", "p.json", "--include", "a", "--include", "b", "--allow-1x1"])
+                .unwrap()
+                .command
+        else {
+            panic!("not plan")
+        };
+        assert_eq!(p.policy.include, vec!["a", "b"]);
+        assert!(p.policy.policy().allow_1x1);
+    }
+
+    #[test]
+    fn a_plan_file_and_planning_flags_exclude_each_other() {
+        let Command::Convert(c) =
+            parse(&["convert", "m.onnx", "-o", "g.onnx", "--plan", "p.json", "--ratio", "0.3"])
+                .unwrap()
+                .command
+        else {
+            panic!("not convert")
+        };
+        let err = convert(&c).unwrap_err().to_string();
+        assert!(err.contains("--plan applies a plan file as it is"), "{err}");
+    }
+}

@@ -522,3 +522,142 @@ pub(crate) fn inverse(p: &[usize]) -> Vec<usize> {
     }
     inv
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::analysis::{Policy, analyze};
+    use crate::onnx::{GraphProto, OperatorSetIdProto};
+    use crate::plan::Ghost;
+
+    /// x[1,4,8,8] -> Conv "c1" (16 filters, 3x3) -> y1 -> `tail` nodes; graph output `out`.
+    fn model(tail: Vec<NodeProto>, extra: Vec<TensorProto>, out: &str) -> ModelProto {
+        let w: Vec<f32> = (0..16 * 4 * 9).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut initializer = vec![onnx::f32_tensor("w1", &[16, 4, 3, 3], &w)];
+        initializer.extend(extra);
+        let conv = onnx::node(
+            "Conv",
+            "c1",
+            &["x", "w1"],
+            &["y1"],
+            vec![
+                onnx::attr_ints_of("pads", vec![1, 1, 1, 1]),
+                onnx::attr_ints_of("kernel_shape", vec![3, 3]),
+            ],
+        );
+        let mut node = vec![conv];
+        node.extend(tail);
+        ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(GraphProto {
+                name: Some("t".into()),
+                node,
+                initializer,
+                input: vec![onnx::value_info_nchw("x", [Some(1), Some(4), Some(8), Some(8)])],
+                output: vec![onnx::value_info_nchw(out, [None, None, None, None])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Even channels intrinsic, each odd channel a ghost of the one before: emitted order
+    /// [0, 2, .., 14, 1, 3, .., 15].
+    fn plan() -> Plan {
+        let ghosts = (0..8).map(|k| Ghost {
+            channel: 2 * k + 1,
+            source: 2 * k,
+            shift: [0, 1],
+            scale: None,
+            bias: None,
+        });
+        Plan::new(
+            "",
+            1,
+            vec![LayerPlan {
+                conv_output: "y1".into(),
+                node: "c1".into(),
+                out_channels: 16,
+                intrinsic: (0..8).map(|k| 2 * k).collect(),
+                ghosts: ghosts.collect(),
+            }],
+        )
+    }
+
+    fn run(m: &ModelProto, mode: EmitMode) -> (ModelProto, EmitReport) {
+        let index = GraphIndex::new(m.graph.as_ref().unwrap()).unwrap();
+        let analysis = analyze(&index, &Policy::default()).unwrap();
+        emit(m, &analysis, &plan(), mode).unwrap()
+    }
+
+    fn producer<'a>(m: &'a ModelProto, tensor: &str) -> &'a NodeProto {
+        m.graph.as_ref().unwrap().node.iter().find(|n| n.output.iter().any(|o| o == tensor)).unwrap()
+    }
+
+    #[test]
+    fn unknown_ops_get_the_original_order_back() {
+        let mut op = onnx::node("Mystery", "m", &["y1"], &["z"], vec![]);
+        op.domain = Some("com.example".into());
+        for mode in [EmitMode::Plugin, EmitMode::Standard] {
+            let (out, report) = run(&model(vec![op.clone()], vec![], "z"), mode);
+            let restore = producer(&out, "y1");
+            assert_eq!(restore.op_type(), "Gather", "{mode:?}: the unknown op reads a restored y1");
+            let mystery = producer(&out, "z");
+            assert_eq!(mystery.input, vec!["y1".to_string()]);
+            assert_eq!(report.reorders.len(), 1);
+            // The restoring indices invert the emitted order.
+            let idx_name = &restore.input[1];
+            let g = out.graph.as_ref().unwrap();
+            let idx =
+                onnx::tensor_i64(g.initializer.iter().find(|t| t.name.as_ref() == Some(idx_name)).unwrap())
+                    .unwrap();
+            let order = plan().layers[0].emitted_order();
+            for (c, &j) in idx.iter().enumerate() {
+                assert_eq!(order[j as usize], c);
+            }
+        }
+    }
+
+    #[test]
+    fn consuming_conv_absorbs_the_order_into_its_weights() {
+        let w2: Vec<f32> = (0..8 * 16).map(|i| i as f32).collect();
+        let relu = onnx::node("Relu", "r", &["y1"], &["a"], vec![]);
+        let c2 = onnx::node(
+            "Conv",
+            "c2",
+            &["a", "w2"],
+            &["z"],
+            vec![onnx::attr_ints_of("kernel_shape", vec![1, 1])],
+        );
+        let m = model(vec![relu, c2], vec![onnx::f32_tensor("w2", &[8, 16, 1, 1], &w2)], "z");
+        let (out, report) = run(&m, EmitMode::Plugin);
+        assert!(report.reorders.is_empty(), "{:?}", report.reorders);
+        let c2 = producer(&out, "z");
+        let g = out.graph.as_ref().unwrap();
+        let w =
+            onnx::tensor_f32(g.initializer.iter().find(|t| t.name.as_ref() == Some(&c2.input[1])).unwrap())
+                .unwrap();
+        let order = plan().layers[0].emitted_order();
+        for o in 0..8 {
+            for j in 0..16 {
+                assert_eq!(w[o * 16 + j], w2[o * 16 + order[j]], "filter {o}, input {j}");
+            }
+        }
+        // The fused form needs no permutation at all.
+        let (fused, report) = run(&m, EmitMode::Fused);
+        assert!(report.reorders.is_empty() && report.absorbed == 0);
+        assert_eq!(producer(&fused, "z").input[1], "w2");
+    }
+
+    #[test]
+    fn depth_to_space_and_graph_outputs_see_the_original_order() {
+        let d2s = onnx::node("DepthToSpace", "d", &["y1"], &["z"], vec![onnx::attr_int("blocksize", 2)]);
+        let (out, report) = run(&model(vec![d2s], vec![], "z"), EmitMode::Plugin);
+        assert_eq!(producer(&out, "y1").op_type(), "Gather");
+        assert_eq!(report.reorders.len(), 1);
+        // A ghosted Conv output that is itself a graph output keeps its name and order.
+        let (out, _) = run(&model(vec![], vec![], "y1"), EmitMode::Standard);
+        assert_eq!(producer(&out, "y1").op_type(), "Gather");
+    }
+}
