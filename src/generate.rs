@@ -554,19 +554,6 @@ fn weight_count(model: &ModelProto) -> u64 {
         .sum()
 }
 
-/// `1234567` as `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 /// Write a synthetic super-resolution ONNX model (EDSR, EDSR-baseline, RDN- or RCAN-style) with
 /// seeded random weights.
 #[derive(Debug, Clone, clap::Args)]
@@ -650,7 +637,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         spec.channels,
         spec.seed,
         spec.planted_ghosts,
-        thousands(weight_count(&model)),
+        crate::report::thousands(weight_count(&model)),
         path.display()
     );
     Ok(())
@@ -842,14 +829,6 @@ mod tests {
         assert_eq!(names(&planted), names(&plain));
         let head = |m: &ModelProto| m.graph.as_ref().unwrap().initializer[0].clone();
         assert_eq!(head(&planted), head(&plain));
-    }
-
-    #[test]
-    fn generate_thousands() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(40_729_603), "40,729,603");
     }
 
     #[test]

@@ -109,17 +109,8 @@ pub fn imresize(img: &Image, scale: f64) -> Image {
 mod tests {
     use super::*;
 
-    /// pat(h, w)[i, j, c] = (37 i + 91 j + 53 c + 7 i j + 29 seed) mod 256, as in the golden script.
     fn pat(h: usize, w: usize) -> Image {
-        let mut img = Image::new(h, w, 3);
-        for i in 0..h {
-            for j in 0..w {
-                for c in 0..3 {
-                    img.data[(i * w + j) * 3 + c] = ((i * 37 + j * 91 + c * 53 + i * j * 7) % 256) as u8;
-                }
-            }
-        }
-        img
+        crate::runner::image_io::test_pattern(h, w, 0)
     }
 
     fn sum(img: &Image) -> u64 {

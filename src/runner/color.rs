@@ -69,19 +69,7 @@ pub fn rgb_from_ycbcr(height: usize, width: usize, y: &[f64], cb: &[f64], cr: &[
 mod tests {
     use super::*;
 
-    /// The 9x12 test pattern also used by the golden values (see bicubic.rs).
-    fn pat(h: usize, w: usize, seed: usize) -> Image {
-        let mut img = Image::new(h, w, 3);
-        for i in 0..h {
-            for j in 0..w {
-                for c in 0..3 {
-                    img.data[(i * w + j) * 3 + c] =
-                        ((i * 37 + j * 91 + c * 53 + i * j * 7 + seed * 29) % 256) as u8;
-                }
-            }
-        }
-        img
-    }
+    use crate::runner::image_io::test_pattern as pat;
 
     #[test]
     fn matches_reference_values() {

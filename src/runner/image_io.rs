@@ -72,6 +72,22 @@ pub fn save_rgb(path: &Path, img: &Image) -> Result<()> {
     }
 }
 
+/// The test pattern of the golden values taken from `sr_eval.py`:
+/// `pat(h, w)[i, j, c] = (37 i + 91 j + 53 c + 7 i j + 29 seed) mod 256`.
+#[cfg(test)]
+pub(crate) fn test_pattern(h: usize, w: usize, seed: usize) -> Image {
+    let mut img = Image::new(h, w, 3);
+    for i in 0..h {
+        for j in 0..w {
+            for c in 0..3 {
+                img.data[(i * w + j) * 3 + c] =
+                    ((i * 37 + j * 91 + c * 53 + i * j * 7 + seed * 29) % 256) as u8;
+            }
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,18 +123,7 @@ pub fn ssim(a: &Plane, b: &Plane) -> Result<f64> {
 mod tests {
     use super::*;
 
-    fn pat(h: usize, w: usize, seed: usize) -> Image {
-        let mut img = Image::new(h, w, 3);
-        for i in 0..h {
-            for j in 0..w {
-                for c in 0..3 {
-                    img.data[(i * w + j) * 3 + c] =
-                        ((i * 37 + j * 91 + c * 53 + i * j * 7 + seed * 29) % 256) as u8;
-                }
-            }
-        }
-        img
-    }
+    use crate::runner::image_io::test_pattern as pat;
 
     /// `big2` of the golden script: pat(20, 23) plus ((5 j) mod 11) - 5 per column, clipped.
     fn perturbed(img: &Image) -> Image {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::ops::GHOST_SHIFT;
 use anyhow::{Context, Result, anyhow, bail};
 use ort::AsPointer;
 use ort::environment::Environment;
@@ -16,9 +17,6 @@ use crate::onnx::ModelProto;
 
 /// Environment variable naming the ONNX Runtime shared library.
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
-
-/// The custom-op domain of the GhostShift operator.
-pub const GHOST_DOMAIN: &str = "ai.ghostsr";
 
 /// File name of the GhostShift plugin (the crate's cdylib).
 pub const PLUGIN_FILE: &str = "libghostsr.so";
@@ -79,7 +77,7 @@ fn init_environment() -> Result<Environment> {
 /// Whether the serialized model declares the GhostShift domain in its `opset_import`.
 pub fn declares_ghost_domain(model_bytes: &[u8]) -> Result<bool> {
     let model = ModelProto::decode(model_bytes).context("decoding the ONNX ModelProto")?;
-    Ok(model.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_DOMAIN)))
+    Ok(model.opset_import.iter().any(|o| o.domain.as_deref() == Some(GHOST_SHIFT.domain_str())))
 }
 
 /// Candidate plugin paths, in search order: `explicit` alone when given, otherwise
@@ -113,8 +111,9 @@ pub fn find_plugin(explicit: Option<&Path>) -> Result<PathBuf> {
         bail!("GhostShift plugin not found at {}", tried.join(", "));
     }
     bail!(
-        "the model uses the {GHOST_DOMAIN} domain but the GhostShift plugin {PLUGIN_FILE} was not \
+        "the model uses the {} domain but the GhostShift plugin {PLUGIN_FILE} was not \
          found (tried {}); build it with `cargo build --release` or pass --plugin PATH",
+        GHOST_SHIFT.domain_str(),
         tried.join(", ")
     )
 }
@@ -198,6 +197,7 @@ pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
 mod tests {
     use super::*;
     use crate::onnx::OperatorSetIdProto;
+    use crate::ops::GHOST_SHIFT;
 
     fn model_with_domains(domains: &[&str]) -> Vec<u8> {
         ModelProto {
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn detects_the_ghost_domain() {
         assert!(!declares_ghost_domain(&model_with_domains(&[""])).unwrap());
-        assert!(declares_ghost_domain(&model_with_domains(&["", GHOST_DOMAIN])).unwrap());
+        assert!(declares_ghost_domain(&model_with_domains(&["", GHOST_SHIFT.domain_str()])).unwrap());
         assert!(declares_ghost_domain(b"\xff\xff\xff").is_err());
     }
 
