@@ -18,6 +18,7 @@ use crate::model::{self, WriteOptions};
 use crate::plan::Plan;
 use crate::plan::kmeans::{self, PlanOptions};
 use crate::report::{self, thousands};
+use crate::weights::WeightSet;
 
 const ABOUT: &str = "Make pretrained ONNX super-resolution models cheaper with ghost features (GhostSR).";
 const LONG_ABOUT: &str = "\
@@ -34,6 +35,8 @@ Typical use:
   ghostsr convert model.onnx -o g.onnx --emit standard   standard ONNX ops only
   ghostsr plan model.onnx -o plan.json            write the plan (for a trainer, or to edit)
   ghostsr convert model.onnx --plan plan.json -o model.ghost.onnx
+  ghostsr plan model.onnx -o plan.json --export-weights w.safetensors   weights for a trainer
+  ghostsr convert model.onnx --plan tuned.json --weights tuned.safetensors -o model.ghost.onnx
   ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
   ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
 
@@ -156,7 +159,12 @@ pub struct PlanArgs {
     /// Where to write the plan (JSON).
     #[arg(short, long, value_name = "PLAN")]
     pub output: PathBuf,
-    /// Replace the output file if it exists.
+    /// Also write the current weights and biases of every planned Conv to this path
+    /// (safetensors, keyed by the original initializer names, original shapes, F32): what a
+    /// trainer fine-tunes and `convert --weights` applies.
+    #[arg(long, value_name = "PATH")]
+    pub export_weights: Option<PathBuf>,
+    /// Replace output files that exist.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -175,6 +183,11 @@ pub struct ConvertArgs {
     /// Apply this plan instead of planning (see `ghostsr plan`).
     #[arg(long, value_name = "PLAN")]
     pub plan: Option<PathBuf>,
+    /// Replace initializers of the model with these (fine-tuned) values before analysing,
+    /// planning and rewriting: a safetensors file keyed by the original initializer names, in
+    /// the original shapes (see `plan --export-weights`). Every name, shape and value is checked.
+    #[arg(long, value_name = "PATH")]
+    pub weights: Option<PathBuf>,
     /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
     /// Runtime); `standard` uses standard ONNX ops only.
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
@@ -259,11 +272,28 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let protect = [a.model.as_path()];
     let opts = WriteOptions { protect: &protect, force: a.force };
     model::check_output_path(&a.output, opts)?;
+    if let Some(w) = &a.export_weights {
+        model::check_output_path(w, opts)?;
+        if w == &a.output {
+            bail!("--export-weights and -o name the same file");
+        }
+    }
     let m = model::load(&a.model)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     let plan = make_plan(&m, &index, &analysis, &a.planning)?;
+    let exported = match &a.export_weights {
+        Some(_) => Some(
+            WeightSet::export(&m.proto, &plan)
+                .with_context(|| format!("exporting the weights of {}", a.model.display()))?,
+        ),
+        None => None,
+    };
     model::write_atomic(&a.output, plan.to_json().as_bytes(), opts)?;
+    if let (Some(w), Some(set)) = (&a.export_weights, &exported) {
+        model::write_atomic(w, &set.to_bytes(&WeightSet::metadata(&m.sha256)), opts)?;
+        eprintln!("ghostsr: exported {} tensors of the planned Convs -> {}", set.tensors.len(), w.display());
+    }
     let ghosts: usize = plan.layers.iter().map(|l| l.ghosts.len()).sum();
     let total: usize = plan.layers.iter().map(|l| l.out_channels).sum();
     eprintln!(
@@ -313,6 +343,9 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     if let Some(p) = &a.plan {
         protect.push(p.as_path());
     }
+    if let Some(w) = &a.weights {
+        protect.push(w.as_path());
+    }
     let opts = WriteOptions { protect: &protect, force: a.force };
     model::check_output_path(&a.output, opts)?;
     if let Some(p) = &a.save_plan {
@@ -326,7 +359,10 @@ fn convert(a: &ConvertArgs) -> Result<()> {
         *slot = lap.elapsed().as_secs_f64();
         lap = Instant::now();
     };
-    let m = model::load(&a.model)?;
+    let mut m = model::load(&a.model)?;
+    if let Some(w) = &a.weights {
+        apply_weights(&mut m, w)?;
+    }
     tick(&mut t.load);
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
@@ -375,6 +411,24 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     } else {
         print_summary(&summary);
     }
+    Ok(())
+}
+
+/// Reads, validates and applies a weights file to the loaded model (before anything reads it).
+fn apply_weights(m: &mut model::Model, path: &Path) -> Result<()> {
+    let (set, meta) = WeightSet::read_with_metadata(path)?;
+    if let Some(sha) = meta.get("model_sha256").filter(|s| !s.is_empty() && **s != m.sha256) {
+        eprintln!(
+            "ghostsr: warning: {} was exported from a model with sha256 {sha}, not {} ({}); applying it by tensor names",
+            path.display(),
+            m.path.display(),
+            m.sha256
+        );
+    }
+    let n = set
+        .apply(&mut m.proto)
+        .with_context(|| format!("weights file {} does not fit {}", path.display(), m.path.display()))?;
+    eprintln!("ghostsr: applied {n} tensors from {}", path.display());
     Ok(())
 }
 
