@@ -78,6 +78,11 @@ fn floats(name: &str, v: &[f32]) -> AttributeProto {
 }
 
 fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
+    value_info_typed(name, dims, 1)
+}
+
+/// A tensor value info with symbolic dims and ONNX element type `elem_type` (1 float, 6 int32).
+fn value_info_typed(name: &str, dims: &[&str], elem_type: i32) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| tensor_shape_proto::Dimension {
@@ -89,7 +94,7 @@ fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
+                elem_type: Some(elem_type),
                 shape: Some(TensorShapeProto { dim }),
             })),
             ..Default::default()
@@ -107,6 +112,11 @@ fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
     if let Some(b) = &attrs.biases {
         attribute.push(floats("biases", b));
     }
+    raw_model_bytes(attribute, &["N", "C", "H", "W"], 1)
+}
+
+/// One GhostShift node with the given attributes, input dims and element type, as ONNX bytes.
+fn raw_model_bytes(attribute: Vec<AttributeProto>, x_dims: &[&str], elem_type: i32) -> Vec<u8> {
     let node = NodeProto {
         input: vec!["X".into()],
         output: vec!["Y".into()],
@@ -118,8 +128,8 @@ fn model_bytes(attrs: &GhostShiftAttrs) -> Vec<u8> {
     let graph = GraphProto {
         node: vec![node],
         name: Some("ghost_shift_test".into()),
-        input: vec![value_info("X", &["N", "C", "H", "W"])],
-        output: vec![value_info("Y", &["N", "G", "H", "W"])],
+        input: vec![value_info_typed("X", x_dims, elem_type)],
+        output: vec![value_info_typed("Y", &["N", "G", "H", "W"], elem_type)],
         ..Default::default()
     };
     let opset =
@@ -180,4 +190,53 @@ fn bad_attributes_name_ghostshift() {
         }
     };
     assert!(err.contains("GhostShift") && err.contains("'scales'"), "{err}");
+}
+
+/// The error of creating a session for `bytes` and, if that succeeds, running it on `x`.
+fn first_error(bytes: &[u8], x_dims: &[i64]) -> String {
+    let sess = (|| -> ort::Result<Session> {
+        Ok(Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(bytes)?)
+    })();
+    let mut sess = match sess {
+        Err(e) => return e.to_string(),
+        Ok(s) => s,
+    };
+    let n: i64 = x_dims.iter().product();
+    let input = Tensor::from_array((x_dims.to_vec(), vec![0.0f32; n as usize])).expect("input tensor");
+    match sess.run(ort::inputs!["X" => input]) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("the bad model ran"),
+    }
+}
+
+#[test]
+fn bad_attributes_rank_and_type_are_runtime_errors_naming_ghostshift() {
+    let dims4 = ["N", "C", "H", "W"];
+    // A source beyond the input's channels (known only at run time here).
+    let err = first_error(
+        &raw_model_bytes(vec![ints("sources", &[0, 5]), ints("shifts", &[0, 0, 1, 1])], &dims4, 1),
+        &[1, 2, 3, 3],
+    );
+    assert!(err.contains("GhostShift") && err.contains("source"), "{err}");
+    // An odd-length `shifts`.
+    let err = first_error(
+        &raw_model_bytes(vec![ints("sources", &[0, 1]), ints("shifts", &[0, 0, 1])], &dims4, 1),
+        &[1, 2, 3, 3],
+    );
+    assert!(err.contains("GhostShift") && err.contains("shifts"), "{err}");
+    // A rank-3 input.
+    let err = first_error(
+        &raw_model_bytes(vec![ints("sources", &[0]), ints("shifts", &[0, 0])], &["C", "H", "W"], 1),
+        &[2, 3, 3],
+    );
+    assert!(err.contains("GhostShift") && err.to_lowercase().contains("rank"), "{err}");
+    // An int32 input: no GhostShift kernel takes it; a clean error at session creation.
+    let bytes = raw_model_bytes(vec![ints("sources", &[0]), ints("shifts", &[0, 0])], &dims4, 6);
+    let err = (|| -> ort::Result<Session> {
+        Ok(Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(&bytes)?)
+    })()
+    .err()
+    .expect("an int32 GhostShift must not load")
+    .to_string();
+    assert!(err.contains("GhostShift"), "{err}");
 }
