@@ -77,10 +77,6 @@ fn floats(name: &str, v: &[f32]) -> AttributeProto {
     }
 }
 
-fn value_info(name: &str, dims: &[&str]) -> ValueInfoProto {
-    value_info_typed(name, dims, 1)
-}
-
 /// A tensor value info with symbolic dims and ONNX element type `elem_type` (1 float, 6 int32).
 fn value_info_typed(name: &str, dims: &[&str], elem_type: i32) -> ValueInfoProto {
     let dim = dims
@@ -144,7 +140,7 @@ fn raw_model_bytes(attribute: Vec<AttributeProto>, x_dims: &[&str], elem_type: i
 }
 
 fn session(attrs: &GhostShiftAttrs) -> ort::Result<Session> {
-    Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(&model_bytes(attrs))
+    open(&model_bytes(attrs))
 }
 
 #[test]
@@ -192,12 +188,14 @@ fn bad_attributes_name_ghostshift() {
     assert!(err.contains("GhostShift") && err.contains("'scales'"), "{err}");
 }
 
+/// A session with the plugin for model `bytes`.
+fn open(bytes: &[u8]) -> ort::Result<Session> {
+    Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(bytes)
+}
+
 /// The error of creating a session for `bytes` and, if that succeeds, running it on `x`.
 fn first_error(bytes: &[u8], x_dims: &[i64]) -> String {
-    let sess = (|| -> ort::Result<Session> {
-        Ok(Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(bytes)?)
-    })();
-    let mut sess = match sess {
+    let mut sess = match open(bytes) {
         Err(e) => return e.to_string(),
         Ok(s) => s,
     };
@@ -232,11 +230,9 @@ fn bad_attributes_rank_and_type_are_runtime_errors_naming_ghostshift() {
     assert!(err.contains("GhostShift") && err.to_lowercase().contains("rank"), "{err}");
     // An int32 input: no GhostShift kernel takes it; a clean error at session creation.
     let bytes = raw_model_bytes(vec![ints("sources", &[0]), ints("shifts", &[0, 0])], &dims4, 6);
-    let err = (|| -> ort::Result<Session> {
-        Ok(Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(&bytes)?)
-    })()
-    .err()
-    .expect("an int32 GhostShift must not load")
-    .to_string();
+    let err = match open(&bytes) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("an int32 GhostShift must not load"),
+    };
     assert!(err.contains("GhostShift"), "{err}");
 }
