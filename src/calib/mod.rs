@@ -185,6 +185,9 @@ pub fn calibrate(
     let mut names: Vec<String> = layers.iter().map(|(_, c)| c.output.clone()).collect();
     if calib.refit && !calib.layer_by_layer {
         names.extend(layers.iter().map(|(_, c)| c.input.clone()));
+    } else if let (true, Some((_, first))) = (calib.refit, layers.first()) {
+        // The first layer sees the original network's features either way.
+        names.push(first.input.clone());
     }
     names.sort();
     names.dedup();
