@@ -165,9 +165,15 @@ pub struct CalibArgs {
     /// Calibration: do not refit the kept filters.
     #[arg(long, requires = "calib")]
     pub no_refit: bool,
+    /// Calibration: refit only the ghosted Convs' kept filters, not the Convs that stay.
+    #[arg(long, requires = "calib")]
+    pub no_refit_others: bool,
     /// Calibration: relative ridge strength of the refit.
-    #[arg(long, value_name = "R", default_value_t = 1e-3, requires = "calib")]
+    #[arg(long, value_name = "R", default_value_t = 1e-2, requires = "calib")]
     pub calib_ridge: f32,
+    /// Calibration: input patches sampled per layer for the refit.
+    #[arg(long, value_name = "N", default_value_t = 32768, requires = "calib")]
+    pub calib_samples: usize,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, requires = "calib")]
     pub calib_threads: usize,
@@ -182,8 +188,10 @@ impl CalibArgs {
             layer_by_layer: !self.no_layer_by_layer,
             data_intrinsic: !self.no_data_intrinsic,
             refit: !self.no_refit,
+            refit_others: !self.no_refit_others,
             ridge: self.calib_ridge,
             threads: self.calib_threads,
+            samples: self.calib_samples,
             ..CalibOptions::default()
         }
     }

@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::emit::{EmitMode, emit};
 use crate::graph::GraphIndex;
-use crate::graph::analysis::{Analysis, ConvInfo};
+use crate::graph::analysis::{Analysis, ConvInfo, Verdict};
 use crate::model::Model;
 use crate::onnx::{self, ModelProto};
 use crate::plan::kmeans::{self, PlanOptions};
@@ -52,6 +52,9 @@ pub struct CalibOptions {
     pub data_intrinsic: bool,
     /// Ridge refit of the kept filters.
     pub refit: bool,
+    /// With `refit`: also refit the Convs that stay (after the first ghosted one) to the
+    /// original network's outputs, absorbing the error the ghosts upstream leave.
+    pub refit_others: bool,
     /// Relative ridge strength (times the mean diagonal of the patch Gram matrix).
     pub ridge: f32,
     /// Patch samples per layer for the refit.
@@ -72,8 +75,9 @@ impl Default for CalibOptions {
             layer_by_layer: true,
             data_intrinsic: true,
             refit: true,
-            ridge: 1e-3,
-            samples: 16384,
+            refit_others: true,
+            ridge: 1e-2,
+            samples: 32768,
             threads: 0,
             scale: None,
         }
@@ -179,14 +183,47 @@ pub fn calibrate(
         .map(|l| Ok((l, analysis.conv_by_output(&l.conv_output).context("planned Conv not analysed")?)))
         .collect::<Result<_>>()?;
     layers.sort_by_key(|(_, c)| c.node_index);
+    let first_ghost = layers.first().map_or(usize::MAX, |(_, c)| c.node_index);
 
-    // The original network's features: every layer's output (and input, for a refit on the
-    // original's features).
-    let mut names: Vec<String> = layers.iter().map(|(_, c)| c.output.clone()).collect();
+    // Initializers read by several nodes are not refit (one refit could not serve every use).
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &model.graph().node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let refittable = |conv: &ConvInfo| {
+        let once = |name: &str| uses.get(name).copied().unwrap_or(0) == 1;
+        once(&conv.weight)
+            && conv.bias.as_deref().is_none_or(once)
+            && index.constant(&conv.weight).is_some()
+            && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
+            && conv_geom(index, conv).is_some()
+    };
+    // Every step in graph order: ghosted Convs, and the other Convs after the first ghosted one
+    // (refit only, to absorb the error upstream ghosts leave).
+    let planned: HashMap<&str, &LayerPlan> = layers.iter().map(|(l, c)| (c.output.as_str(), *l)).collect();
+    let mut steps: Vec<(Option<&LayerPlan>, &ConvInfo)> = analysis
+        .convs
+        .iter()
+        .filter_map(|c| match planned.get(c.output.as_str()) {
+            Some(l) => Some((Some(*l), c)),
+            None => (calib.refit
+                && calib.refit_others
+                && c.node_index > first_ghost
+                && !matches!(c.verdict, Verdict::Unsupported(_))
+                && refittable(c))
+            .then_some((None, c)),
+        })
+        .collect();
+    steps.sort_by_key(|(_, c)| c.node_index);
+
+    // The original network's features: every step's output (and input, for a refit on the
+    // original's features or for the first step, which sees the original's features anyway).
+    let mut names: Vec<String> = steps.iter().map(|(_, c)| c.output.clone()).collect();
     if calib.refit && !calib.layer_by_layer {
-        names.extend(layers.iter().map(|(_, c)| c.input.clone()));
-    } else if let (true, Some((_, first))) = (calib.refit, layers.first()) {
-        // The first layer sees the original network's features either way.
+        names.extend(steps.iter().map(|(_, c)| c.input.clone()));
+    } else if let (true, Some((_, first))) = (calib.refit, steps.first()) {
         names.push(first.input.clone());
     }
     names.sort();
@@ -199,25 +236,18 @@ pub fn calibrate(
         names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
     drop(session);
 
-    // Initializers read by several nodes are not refit.
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for n in &model.graph().node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
-
     let mut done: Vec<LayerPlan> = Vec::new();
     let mut weights = WeightSet::default();
     let mut first_intrinsic: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
     let total = layers.len();
-    for (k, &(start_layer, conv)) in layers.iter().enumerate() {
+    for &(start_layer, conv) in &steps {
         let at = || format!("calibrating Conv \"{}\" (output \"{}\")", conv.node, conv.output);
         let y_true = &truth[&conv.output];
-        let geom = conv_geom(index, conv);
-        let shared = uses.get(conv.weight.as_str()).copied().unwrap_or(0) > 1
-            || conv.bias.as_ref().is_some_and(|b| uses.get(b.as_str()).copied().unwrap_or(0) > 1);
-        let do_refit = calib.refit && !shared && geom.is_some();
+        let do_refit = calib.refit && refittable(conv);
+        // Convs that stay are only visited for a refit, of whole-image (not pooled) features.
+        if start_layer.is_none() && !(do_refit && y_true.h * y_true.w >= 64) {
+            continue;
+        }
         // This Conv's output (and input) in the partly ghosted network.
         let current: Option<Vec<Maps>> = if calib.layer_by_layer && !done.is_empty() {
             let mut want = vec![conv.output.clone()];
@@ -231,6 +261,16 @@ pub fn calibrate(
             Some(capture::run(&mut s, &input, &crops, &want).with_context(at)?)
         } else {
             None
+        };
+        let x_cur = || match &current {
+            Some(c) => &c[1],
+            None => &truth[&conv.input],
+        };
+        let Some(start_layer) = start_layer else {
+            // A Conv that stays: refit all its filters to the original's output.
+            let all: Vec<usize> = (0..conv.c_out).collect();
+            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut weights).with_context(at)?;
+            continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
         let stats = PairStats::compute(y_true, y_cur, plan_opts.max_shift);
@@ -266,36 +306,45 @@ pub fn calibrate(
             ghosts,
         };
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
-        if let (true, Some(geom)) = (do_refit, geom) {
-            let x_cur = match &current {
-                Some(c) => &c[1],
-                None => &truth[&conv.input],
-            };
-            let w_t = index.constant(&conv.weight).context("weights are not constant")?;
-            let w = onnx::tensor_f32(w_t)?;
-            let b_t = conv.bias.as_ref().map(|b| index.constant(b).context("bias is not constant")).transpose()?;
-            let b = b_t.map(onnx::tensor_f32).transpose()?;
-            let (w_new, b_new) = refit::refit(
-                x_cur,
-                y_true,
-                &w,
-                b.as_deref(),
-                geom,
-                &layer.intrinsic,
-                &layer.ghosts,
-                calib.ridge as f64,
-                calib.samples,
-            )
-            .with_context(at)?;
-            weights.tensors.insert(conv.weight.clone(), WeightTensor { dims: w_t.dims.clone(), data: w_new });
-            if let (Some(name), Some(b_t), Some(b_new)) = (&conv.bias, b_t, b_new) {
-                weights.tensors.insert(name.clone(), WeightTensor { dims: b_t.dims.clone(), data: b_new });
-            }
+        if do_refit {
+            refit_into(index, conv, x_cur(), y_true, &layer.intrinsic, &layer.ghosts, calib, &mut weights)
+                .with_context(at)?;
         }
         done.push(layer);
-        progress(k + 1, total, &conv.output);
+        progress(done.len(), total, &conv.output);
     }
+    // The plan lists layers in the k-means plan's order.
+    let order: HashMap<&str, usize> =
+        start.layers.iter().enumerate().map(|(i, l)| (l.conv_output.as_str(), i)).collect();
+    done.sort_by_key(|l| order[l.conv_output.as_str()]);
     let plan = Plan::new(&model.sha256, plan_opts.max_shift, done);
     plan.validate(analysis).context("internal error: the calibrated plan is invalid")?;
     Ok((plan, weights))
+}
+
+/// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) and records the new weight and
+/// bias in `weights`.
+#[allow(clippy::too_many_arguments)]
+fn refit_into(
+    index: &GraphIndex<'_>,
+    conv: &ConvInfo,
+    x: &Maps,
+    y: &Maps,
+    intrinsic: &[usize],
+    ghosts: &[Ghost],
+    calib: &CalibOptions,
+    weights: &mut WeightSet,
+) -> Result<()> {
+    let geom = conv_geom(index, conv).context("the Conv's geometry cannot be refit")?;
+    let w_t = index.constant(&conv.weight).context("weights are not constant")?;
+    let w = onnx::tensor_f32(w_t)?;
+    let b_t = conv.bias.as_ref().map(|b| index.constant(b).context("bias is not constant")).transpose()?;
+    let b = b_t.map(onnx::tensor_f32).transpose()?;
+    let (w_new, b_new) =
+        refit::refit(x, y, &w, b.as_deref(), geom, intrinsic, ghosts, calib.ridge as f64, calib.samples)?;
+    weights.tensors.insert(conv.weight.clone(), WeightTensor { dims: w_t.dims.clone(), data: w_new });
+    if let (Some(name), Some(b_t), Some(b_new)) = (&conv.bias, b_t, b_new) {
+        weights.tensors.insert(name.clone(), WeightTensor { dims: b_t.dims.clone(), data: b_new });
+    }
+    Ok(())
 }
