@@ -323,12 +323,21 @@ fn make_plan(
     }
     match &c.calib {
         Some(dir) => {
-            let (plan, weights) =
-                calib::calibrate(m, index, analysis, &p.options(), &c.options(), dir, &progress("calibrating"))
-                    .with_context(|| format!("calibrating {} on {}", m.path.display(), dir.display()))?;
+            let (plan, weights) = calib::calibrate(
+                m,
+                index,
+                analysis,
+                &p.options(),
+                &c.options(),
+                dir,
+                &progress("calibrating"),
+            )
+            .with_context(|| format!("calibrating {} on {}", m.path.display(), dir.display()))?;
             Ok((plan, Some(weights)))
         }
-        None => Ok((kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?, None)),
+        None => {
+            Ok((kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?, None))
+        }
     }
 }
 

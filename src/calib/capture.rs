@@ -51,7 +51,10 @@ pub fn open(proto: &ModelProto, threads: usize) -> Result<Session> {
     if threads > 0 {
         builder = builder.with_intra_threads(threads).map_err(ort_err)?;
     }
-    builder.commit_from_memory(&bytes).map_err(ort_err).context("loading the calibration model into ONNX Runtime")
+    builder
+        .commit_from_memory(&bytes)
+        .map_err(ort_err)
+        .context("loading the calibration model into ONNX Runtime")
 }
 
 /// Runs `session` on every crop and returns each named tensor stacked over the crops
@@ -61,7 +64,8 @@ pub fn run(session: &mut Session, input: &str, crops: &[Chw], names: &[String]) 
     for (k, x) in crops.iter().enumerate() {
         let shape = [1usize, x.channels, x.height, x.width];
         let tensor = TensorRef::from_array_view((shape, &x.data[..])).map_err(ort_err)?;
-        let outputs = session.run(ort::inputs![tensor]).map_err(ort_err).context("running the calibration model")?;
+        let outputs =
+            session.run(ort::inputs![tensor]).map_err(ort_err).context("running the calibration model")?;
         for (i, name) in names.iter().enumerate() {
             let (dims, data): (Vec<usize>, &[f32]) = if name == input {
                 (shape.to_vec(), &x.data[..])
@@ -70,8 +74,12 @@ pub fn run(session: &mut Session, input: &str, crops: &[Chw], names: &[String]) 
                 let (s, d) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
                 (s.iter().map(|&v| v as usize).collect(), d)
             };
-            ensure!(dims.len() == 4 && dims[0] == 1, "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]");
-            let m = out[i].get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
+            ensure!(
+                dims.len() == 4 && dims[0] == 1,
+                "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]"
+            );
+            let m =
+                out[i].get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
             if (m.c, m.h, m.w) != (dims[1], dims[2], dims[3]) {
                 bail!("tensor '{name}' changes shape between crops");
             }

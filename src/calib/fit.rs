@@ -114,7 +114,10 @@ impl PairStats {
         let shifts = shifts(max_shift);
         let means = |m: &Maps| -> Vec<f64> {
             (0..m.c)
-                .map(|c| (0..n).map(|k| m.plane(k, c).iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() / p as f64)
+                .map(|c| {
+                    (0..n).map(|k| m.plane(k, c).iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>()
+                        / p as f64
+                })
                 .collect()
         };
         let mean_y = means(y);
@@ -409,7 +412,11 @@ mod tests {
                     let b = my - a * mx;
                     let res: f64 = xs.iter().zip(&ys).map(|(x, y)| (y - a * x - b).powi(2)).sum();
                     let f = st.fit(g, s, di, true);
-                    assert!((f.residual - res).abs() < 1e-3 * res.max(1.0), "{d:?} {g} {s}: {} vs {res}", f.residual);
+                    assert!(
+                        (f.residual - res).abs() < 1e-3 * res.max(1.0),
+                        "{d:?} {g} {s}: {} vs {res}",
+                        f.residual
+                    );
                     assert!((f.scale as f64 - a).abs() < 1e-4 && (f.bias as f64 - b).abs() < 1e-4);
                     let plain: f64 = xs.iter().zip(&ys).map(|(x, y)| (y - x).powi(2)).sum();
                     let f = st.fit(g, s, di, false);

@@ -12,8 +12,8 @@
 //! off ([`CalibOptions`]) so its worth can be measured; k-means stays the starting point (the
 //! layer list and, without the data-chosen set, the intrinsic channels).
 //!
-//! Convs that share weights (CARN) reuse the first use's intrinsic set, choose their own
-//! ghosts, and are not refit (one refit could not serve every use).
+//! Convs that share weights (CARN) reuse the first use's intrinsic set and choose their own
+//! ghosts; their refit sums the normal equations of every use so far (re-solved at each use).
 
 pub mod capture;
 pub mod data;
@@ -192,10 +192,14 @@ pub fn calibrate(
             *uses.entry(i.as_str()).or_default() += 1;
         }
     }
+    // Shared weights (CARN) are refit when every reader is a Conv with the same weight and bias
+    // (the equations of every use so far are summed).
     let refittable = |conv: &ConvInfo| {
-        let once = |name: &str| uses.get(name).copied().unwrap_or(0) == 1;
-        once(&conv.weight)
-            && conv.bias.as_deref().is_none_or(once)
+        let same: Vec<&ConvInfo> = analysis.convs.iter().filter(|c| c.weight == conv.weight).collect();
+        let readers = |name: &str| uses.get(name).copied().unwrap_or(0);
+        readers(&conv.weight) == same.len()
+            && same.iter().all(|c| c.bias == conv.bias)
+            && conv.bias.as_deref().is_none_or(|b| readers(b) == same.len())
             && index.constant(&conv.weight).is_some()
             && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
             && conv_geom(index, conv).is_some()
@@ -239,6 +243,7 @@ pub fn calibrate(
     let mut done: Vec<LayerPlan> = Vec::new();
     let mut weights = WeightSet::default();
     let mut first_intrinsic: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
+    let mut equations: HashMap<String, Vec<Vec<refit::GroupEquations>>> = HashMap::new();
     let total = layers.len();
     for &(start_layer, conv) in &steps {
         let at = || format!("calibrating Conv \"{}\" (output \"{}\")", conv.node, conv.output);
@@ -269,7 +274,8 @@ pub fn calibrate(
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
-            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut weights).with_context(at)?;
+            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
+                .with_context(at)?;
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
@@ -307,8 +313,18 @@ pub fn calibrate(
         };
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
         if do_refit {
-            refit_into(index, conv, x_cur(), y_true, &layer.intrinsic, &layer.ghosts, calib, &mut weights)
-                .with_context(at)?;
+            refit_into(
+                index,
+                conv,
+                x_cur(),
+                y_true,
+                &layer.intrinsic,
+                &layer.ghosts,
+                calib,
+                &mut equations,
+                &mut weights,
+            )
+            .with_context(at)?;
         }
         done.push(layer);
         progress(done.len(), total, &conv.output);
@@ -322,8 +338,8 @@ pub fn calibrate(
     Ok((plan, weights))
 }
 
-/// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) and records the new weight and
-/// bias in `weights`.
+/// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) from this use's equations and
+/// those of earlier uses of the same weights, and records the new weight and bias in `weights`.
 #[allow(clippy::too_many_arguments)]
 fn refit_into(
     index: &GraphIndex<'_>,
@@ -333,6 +349,7 @@ fn refit_into(
     intrinsic: &[usize],
     ghosts: &[Ghost],
     calib: &CalibOptions,
+    equations: &mut HashMap<String, Vec<Vec<refit::GroupEquations>>>,
     weights: &mut WeightSet,
 ) -> Result<()> {
     let geom = conv_geom(index, conv).context("the Conv's geometry cannot be refit")?;
@@ -340,8 +357,10 @@ fn refit_into(
     let w = onnx::tensor_f32(w_t)?;
     let b_t = conv.bias.as_ref().map(|b| index.constant(b).context("bias is not constant")).transpose()?;
     let b = b_t.map(onnx::tensor_f32).transpose()?;
-    let (w_new, b_new) =
-        refit::refit(x, y, &w, b.as_deref(), geom, intrinsic, ghosts, calib.ridge as f64, calib.samples)?;
+    let eq = refit::equations(x, y, geom, b.is_some(), intrinsic, ghosts, calib.samples)?;
+    let uses = equations.entry(conv.weight.clone()).or_default();
+    uses.push(eq);
+    let (w_new, b_new) = refit::solve(&w, b.as_deref(), geom, uses, calib.ridge as f64)?;
     weights.tensors.insert(conv.weight.clone(), WeightTensor { dims: w_t.dims.clone(), data: w_new });
     if let (Some(name), Some(b_t), Some(b_new)) = (&conv.bias, b_t, b_new) {
         weights.tensors.insert(name.clone(), WeightTensor { dims: b_t.dims.clone(), data: b_new });

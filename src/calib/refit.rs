@@ -31,6 +31,17 @@ pub struct ConvGeom {
     pub pad: [usize; 2],
 }
 
+/// The normal equations of one group for one use of a Conv: `Ĝ`, `Âᵀ t_s` for each kept
+/// filter, `α_s`.
+#[derive(Clone, Debug)]
+pub struct GroupEquations {
+    pub kept: Vec<usize>,
+    pub gram: Array2<f64>,
+    /// `[d, kept]`.
+    pub rhs: Array2<f64>,
+    pub alpha: Vec<f64>,
+}
+
 /// Refits the kept filters (`intrinsic`) of a Conv with weights `w` (`[c_out, c_in/group, kh,
 /// kw]`) and optional bias from its input `x` and the original network's output `y`, given the
 /// ghost map. Returns the new weights and bias (ghost filters unchanged, they are unused).
@@ -46,14 +57,27 @@ pub fn refit(
     ridge: f64,
     samples: usize,
 ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let eq = equations(x, y, geom, b.is_some(), intrinsic, ghosts, samples)?;
+    solve(w, b, geom, &[eq], ridge)
+}
+
+/// The normal equations of every group for one use (see the module docs).
+pub fn equations(
+    x: &Maps,
+    y: &Maps,
+    geom: ConvGeom,
+    has_bias: bool,
+    intrinsic: &[usize],
+    ghosts: &[Ghost],
+    samples: usize,
+) -> Result<Vec<GroupEquations>> {
     let ConvGeom { c_in, c_out, group, kernel: [kh, kw], pad: [pt, pl] } = geom;
     let cig = c_in / group;
     let per = c_out / group;
     let dw = cig * kh * kw;
-    if w.len() != c_out * dw || x.c != c_in || y.c != c_out || x.n != y.n {
-        bail!("refit: shapes do not match (weights {}, input {} ch, output {} ch)", w.len(), x.c, y.c);
+    if x.c != c_in || y.c != c_out || x.n != y.n {
+        bail!("refit: shapes do not match (input {} ch, output {} ch)", x.c, y.c);
     }
-    let has_bias = b.is_some();
     let d = dw + usize::from(has_bias);
     let m = ghosts.iter().flat_map(|g| g.shift).map(|v| v.unsigned_abs() as usize).max().unwrap_or(0);
     if y.h <= 2 * m || y.w <= 2 * m {
@@ -68,8 +92,7 @@ pub fn refit(
         .collect();
     let s_len = positions.len();
 
-    let mut w_new = w.to_vec();
-    let mut b_new = b.map(<[f32]>::to_vec);
+    let mut out = Vec::new();
     for gi in 0..group {
         let kept: Vec<usize> = intrinsic.iter().copied().filter(|&c| c / per == gi).collect();
         if kept.is_empty() {
@@ -115,27 +138,77 @@ pub fn refit(
             }
         }
         let gram = par_gram(&a);
-        let rhs = a.t().dot(&t); // [d, kept]
-        let mean_diag = (0..d).map(|i| gram[[i, i]]).sum::<f64>() / d as f64;
-        let reg = ridge * mean_diag.max(1e-12);
-        let mut mat = gram;
-        for i in 0..d {
-            mat[[i, i]] += reg;
+        let rhs = a.t().dot(&t).mapv(|v| v as f64);
+        out.push(GroupEquations { kept, gram, rhs, alpha });
+    }
+    Ok(out)
+}
+
+/// Solves the refit from the equations of one or more uses of the same weights (a shared
+/// Conv): filter `s` minimises `Σ_uses` of its objective plus `reg·Σα_s |ŵ - ŵ₀|²`, i.e.
+/// `(Σ α_s Ĝ + reg Σα_s I) ŵ = Σ Âᵀ t_s + reg Σα_s ŵ₀`, `reg = ridge * mean diag ΣĜ / uses`.
+/// With one use every filter of a group shares one factorisation.
+pub fn solve(
+    w: &[f32],
+    b: Option<&[f32]>,
+    geom: ConvGeom,
+    uses: &[Vec<GroupEquations>],
+    ridge: f64,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let ConvGeom { c_in, c_out, group, kernel: [kh, kw], .. } = geom;
+    let dw = c_in / group * kh * kw;
+    if w.len() != c_out * dw {
+        bail!("refit: {} weights for a Conv of {c_out} x {dw}", w.len());
+    }
+    let mut w_new = w.to_vec();
+    let mut b_new = b.map(<[f32]>::to_vec);
+    let Some(first) = uses.first() else { return Ok((w_new, b_new)) };
+    for (gi, eq0) in first.iter().enumerate() {
+        let d = eq0.gram.nrows();
+        let eqs: Vec<&GroupEquations> = uses.iter().filter_map(|u| u.get(gi)).collect();
+        if eqs.iter().any(|e| e.kept != eq0.kept || e.gram.nrows() != d) {
+            bail!("refit: the uses of a shared Conv keep different filters");
         }
-        let chol = cholesky(&mat)?;
-        for (j, &s) in kept.iter().enumerate() {
-            let mut v: Vec<f64> = (0..d)
-                .map(|i| {
-                    let w0 = if i < dw { w[s * dw + i] as f64 } else { b.map_or(0.0, |b| b[s] as f64) };
-                    rhs[[i, j]] as f64 / alpha[j] + reg * w0
-                })
-                .collect();
-            cholesky_solve(&chol, &mut v);
+        let mean_diag = eqs.iter().map(|e| (0..d).map(|i| e.gram[[i, i]]).sum::<f64>()).sum::<f64>()
+            / (d * eqs.len()) as f64;
+        let reg = ridge * mean_diag.max(1e-12);
+        let w0 =
+            |s: usize, i: usize| if i < dw { w[s * dw + i] as f64 } else { b.map_or(0.0, |b| b[s] as f64) };
+        let mut store = |s: usize, v: &[f64]| {
             for i in 0..dw {
                 w_new[s * dw + i] = v[i] as f32;
             }
             if let Some(bn) = b_new.as_mut() {
                 bn[s] = v[dw] as f32;
+            }
+        };
+        if eqs.len() == 1 {
+            let mut mat = eq0.gram.clone();
+            for i in 0..d {
+                mat[[i, i]] += reg;
+            }
+            let chol = cholesky(&mat)?;
+            for (j, &s) in eq0.kept.iter().enumerate() {
+                let mut v: Vec<f64> =
+                    (0..d).map(|i| eq0.rhs[[i, j]] / eq0.alpha[j] + reg * w0(s, i)).collect();
+                cholesky_solve(&chol, &mut v);
+                store(s, &v);
+            }
+        } else {
+            for (j, &s) in eq0.kept.iter().enumerate() {
+                let a_sum: f64 = eqs.iter().map(|e| e.alpha[j]).sum();
+                let mut mat = Array2::<f64>::zeros((d, d));
+                for e in &eqs {
+                    mat.scaled_add(e.alpha[j], &e.gram);
+                }
+                for i in 0..d {
+                    mat[[i, i]] += reg * a_sum;
+                }
+                let mut v: Vec<f64> = (0..d)
+                    .map(|i| eqs.iter().map(|e| e.rhs[[i, j]]).sum::<f64>() + reg * a_sum * w0(s, i))
+                    .collect();
+                cholesky_solve(&cholesky(&mat)?, &mut v);
+                store(s, &v);
             }
         }
     }
@@ -280,5 +353,41 @@ mod tests {
         }
         // Ghost filters are left as they were.
         assert_eq!(&w[18..36], &w0[18..36]);
+    }
+
+    #[test]
+    fn shared_weights_refit_sums_every_use() {
+        // One weight tensor read by two Convs with different inputs and different ghost maps
+        // (no ghosts in the second use): the summed equations recover the true filters.
+        let geom = ConvGeom { c_in: 3, c_out: 4, group: 1, kernel: [3, 3], pad: [1, 1] };
+        let w_true = random(4 * 27, 7);
+        let b_true = random(4, 8);
+        let x1 = Maps { n: 1, c: 3, h: 10, w: 10, data: random(300, 9) };
+        let x2 = Maps { n: 1, c: 3, h: 10, w: 10, data: random(300, 10) };
+        let y1 = conv2d(&x1, &w_true, Some(&b_true), geom);
+        let y2 = conv2d(&x2, &w_true, Some(&b_true), geom);
+        // Use 1: channel 3 is an unshifted, scaled copy of 1 (exact by construction).
+        let mut y1g = y1.clone();
+        for i in 0..100 {
+            y1g.data[300 + i] = 2.0 * y1.data[100 + i] - 0.1;
+        }
+        let ghosts1 =
+            vec![Ghost { channel: 3, source: 1, shift: [0, 0], scale: Some(2.0), bias: Some(-0.1) }];
+        let intrinsic = [0, 1, 2];
+        let w0: Vec<f32> = w_true.iter().map(|v| v * 0.5).collect();
+        let e1 = equations(&x1, &y1g, geom, true, &intrinsic, &ghosts1, 1000).unwrap();
+        let e2 = equations(&x2, &y2, geom, true, &intrinsic, &[], 1000).unwrap();
+        let (w, b) = solve(&w0, Some(&b_true), geom, &[e1, e2], 1e-8).unwrap();
+        let b = b.unwrap();
+        for &s in &intrinsic {
+            for i in 0..27 {
+                assert!((w[s * 27 + i] - w_true[s * 27 + i]).abs() < 1e-3, "filter {s} tap {i}");
+            }
+            assert!((b[s] - b_true[s]).abs() < 1e-3);
+        }
+        // Uses that keep different filters are refused.
+        let e1 = equations(&x1, &y1, geom, true, &[0, 1], &[], 1000).unwrap();
+        let e2 = equations(&x2, &y2, geom, true, &[0, 2], &[], 1000).unwrap();
+        assert!(solve(&w0, Some(&b_true), geom, &[e1, e2], 1e-8).is_err());
     }
 }
