@@ -165,7 +165,7 @@ pub struct CalibArgs {
     /// Calibration: do not refit the kept filters.
     #[arg(long, requires = "calib")]
     pub no_refit: bool,
-    /// Calibration: refit only the ghosted Convs' kept filters, not the Convs that stay.
+    /// Calibration: refit only the ghosted Convs' kept filters, not the 1x1 Convs that stay.
     #[arg(long, requires = "calib")]
     pub no_refit_others: bool,
     /// Calibration: relative ridge strength of the refit.

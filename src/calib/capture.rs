@@ -43,6 +43,34 @@ pub fn with_outputs(proto: &ModelProto, names: &[String]) -> Result<ModelProto> 
     Ok(p)
 }
 
+/// Keeps only what computing `names` needs: their graph outputs, the nodes they depend on and
+/// the initializers those read (a capture near the input runs a fraction of the network).
+pub fn prune_to(proto: &ModelProto, names: &[String]) -> Result<ModelProto> {
+    let mut p = proto.clone();
+    let g = p.graph.as_mut().context("the model has no graph")?;
+    let mut needed: std::collections::HashSet<String> = names.iter().cloned().collect();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| needed.contains(o)) {
+            keep[i] = true;
+            needed.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+        }
+    }
+    let mut k = keep.iter();
+    g.node.retain(|_| *k.next().unwrap_or(&false));
+    g.output.retain(|o| o.name.as_ref().is_some_and(|n| names.contains(n)));
+    for n in names {
+        if !g.output.iter().any(|o| o.name.as_deref() == Some(n.as_str())) {
+            g.output.push(onnx::value_info_nchw(n, [None; 4]));
+        }
+    }
+    g.initializer.retain(|t| needed.contains(onnx::tensor_name(t)));
+    // Initializers listed as graph inputs (older exporters) go with them; the data input stays.
+    let data = input_name(proto)?;
+    g.input.retain(|v| v.name.as_ref().is_some_and(|n| *n == data || needed.contains(n)));
+    Ok(p)
+}
+
 /// An ONNX Runtime CPU session on `proto` (`threads` intra-op threads, 0: ORT's default).
 pub fn open(proto: &ModelProto, threads: usize) -> Result<Session> {
     let env = environment()?;

@@ -52,8 +52,10 @@ pub struct CalibOptions {
     pub data_intrinsic: bool,
     /// Ridge refit of the kept filters.
     pub refit: bool,
-    /// With `refit`: also refit the Convs that stay (after the first ghosted one) to the
-    /// original network's outputs, absorbing the error the ghosts upstream leave.
+    /// With `refit`: also refit the pointwise (1x1) Convs that stay (after the first ghosted
+    /// one) to the original network's outputs, absorbing the error the ghosts upstream leave.
+    /// 3x3 Convs that stay are not refit: on CARN-M the upsampler and exit Convs overfit the
+    /// calibration crops (Set5 -0.5 dB at λ=0.25; see BENCHMARKS.md).
     pub refit_others: bool,
     /// Relative ridge strength (times the mean diagonal of the patch Gram matrix).
     pub ridge: f32,
@@ -204,8 +206,8 @@ pub fn calibrate(
             && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
             && conv_geom(index, conv).is_some()
     };
-    // Every step in graph order: ghosted Convs, and the other Convs after the first ghosted one
-    // (refit only, to absorb the error upstream ghosts leave).
+    // Every step in graph order: ghosted Convs, and the pointwise Convs after the first ghosted
+    // one (refit only, to absorb the error upstream ghosts leave).
     let planned: HashMap<&str, &LayerPlan> = layers.iter().map(|(l, c)| (c.output.as_str(), *l)).collect();
     let mut steps: Vec<(Option<&LayerPlan>, &ConvInfo)> = analysis
         .convs
@@ -216,6 +218,7 @@ pub fn calibrate(
                 && calib.refit_others
                 && c.node_index > first_ghost
                 && !matches!(c.verdict, Verdict::Unsupported(_))
+                && c.kernel == [1, 1]
                 && refittable(c))
             .then_some((None, c)),
         })
@@ -262,7 +265,7 @@ pub fn calibrate(
             let base = capture::with_outputs(&apply_weights(proto, &weights)?, &want)?;
             let partial = Plan::new(&model.sha256, plan_opts.max_shift, done.clone());
             let (ghosted, _) = emit(&base, analysis, &partial, EmitMode::Standard).with_context(at)?;
-            let mut s = capture::open(&ghosted, calib.threads)?;
+            let mut s = capture::open(&capture::prune_to(&ghosted, &want)?, calib.threads)?;
             Some(capture::run(&mut s, &input, &crops, &want).with_context(at)?)
         } else {
             None
@@ -367,3 +370,4 @@ fn refit_into(
     }
     Ok(())
 }
+
