@@ -169,7 +169,7 @@ pub struct CalibArgs {
     #[arg(long, requires = "calib")]
     pub no_refit_others: bool,
     /// Calibration: relative ridge strength of the refit.
-    #[arg(long, value_name = "R", default_value_t = 1e-2, requires = "calib")]
+    #[arg(long, value_name = "R", default_value_t = 3e-2, requires = "calib")]
     pub calib_ridge: f32,
     /// Calibration: input patches sampled per layer for the refit.
     #[arg(long, value_name = "N", default_value_t = 32768, requires = "calib")]

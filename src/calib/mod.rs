@@ -78,7 +78,7 @@ impl Default for CalibOptions {
             data_intrinsic: true,
             refit: true,
             refit_others: true,
-            ridge: 1e-2,
+            ridge: 3e-2,
             samples: 32768,
             threads: 0,
             scale: None,
