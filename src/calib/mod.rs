@@ -370,4 +370,3 @@ fn refit_into(
     }
     Ok(())
 }
-
