@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::calib::{self, CalibOptions};
 use crate::emit::{self, EmitMode};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{self, Policy};
@@ -37,6 +38,8 @@ Typical use:
   ghostsr convert model.onnx --plan plan.json -o model.ghost.onnx
   ghostsr plan model.onnx -o plan.json --export-weights w.safetensors   weights for a trainer
   ghostsr convert model.onnx --plan tuned.json --weights tuned.safetensors -o model.ghost.onnx
+  ghostsr convert model.onnx -o g.onnx --calib BSD68/   ghosts chosen from calibration data
+      (much better quality without training; needs ORT_DYLIB_PATH)
   ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
   ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
 
@@ -136,6 +139,66 @@ impl PlanningArgs {
     }
 }
 
+/// Calibration: choose ghosts from data (needs ORT_DYLIB_PATH).
+#[derive(Args, Debug, Clone)]
+pub struct CalibArgs {
+    /// Calibrate on crops of the HR images in DIR: run the original model (ONNX Runtime, CPU)
+    /// and, Conv by Conv on the partly ghosted network, choose intrinsic channels, sources,
+    /// shifts and affine terms by least error against the original's feature maps, then refit
+    /// the kept filters (ridge least squares). Without it, ghosts come from k-means on filters.
+    #[arg(long, value_name = "DIR")]
+    pub calib: Option<PathBuf>,
+    /// Number of calibration crops.
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "calib")]
+    pub calib_count: usize,
+    /// Calibration crop size in model-input pixels.
+    #[arg(long, value_name = "S", default_value_t = 64, requires = "calib")]
+    pub calib_size: usize,
+    /// Calibration: ghosts are plain shifted copies (no fitted scale and bias).
+    #[arg(long, requires = "calib")]
+    pub no_affine: bool,
+    /// Calibration: fit every layer on the original network's features instead of the partly
+    /// ghosted network's.
+    #[arg(long, requires = "calib")]
+    pub no_layer_by_layer: bool,
+    /// Calibration: keep k-means's intrinsic channels instead of choosing them from the data.
+    #[arg(long, requires = "calib")]
+    pub no_data_intrinsic: bool,
+    /// Calibration: do not refit the kept filters.
+    #[arg(long, requires = "calib")]
+    pub no_refit: bool,
+    /// Calibration: refit only the ghosted Convs' kept filters, not the 1x1 Convs that stay.
+    #[arg(long, requires = "calib")]
+    pub no_refit_others: bool,
+    /// Calibration: relative ridge strength of the refit.
+    #[arg(long, value_name = "R", default_value_t = 3e-2, requires = "calib")]
+    pub calib_ridge: f32,
+    /// Calibration: input patches sampled per layer for the refit.
+    #[arg(long, value_name = "N", default_value_t = 32768, requires = "calib")]
+    pub calib_samples: usize,
+    /// Calibration: ONNX Runtime threads (0: one per physical core).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "calib")]
+    pub calib_threads: usize,
+}
+
+impl CalibArgs {
+    fn options(&self) -> CalibOptions {
+        CalibOptions {
+            count: self.calib_count,
+            size: self.calib_size,
+            affine: !self.no_affine,
+            layer_by_layer: !self.no_layer_by_layer,
+            data_intrinsic: !self.no_data_intrinsic,
+            refit: !self.no_refit,
+            refit_others: !self.no_refit_others,
+            ridge: self.calib_ridge,
+            threads: self.calib_threads,
+            samples: self.calib_samples,
+            ..CalibOptions::default()
+        }
+    }
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [0, 1)")) }
@@ -170,6 +233,8 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub planning: PlanningArgs,
     #[command(flatten)]
+    pub calib: CalibArgs,
+    #[command(flatten)]
     pub policy: PolicyArgs,
 }
 
@@ -203,6 +268,8 @@ pub struct ConvertArgs {
     pub json: bool,
     #[command(flatten)]
     pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub calib: CalibArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -257,7 +324,8 @@ fn make_plan(
     index: &GraphIndex<'_>,
     analysis: &analysis::Analysis,
     p: &PlanningArgs,
-) -> Result<Plan> {
+    c: &CalibArgs,
+) -> Result<(Plan, Option<WeightSet>)> {
     if analysis.eligible().next().is_none() {
         bail!(
             "{}: no Conv is eligible for ghosting; run `ghostsr inspect {}` to see why each is skipped (--include NAME overrides the policy)",
@@ -265,7 +333,24 @@ fn make_plan(
             m.path.display()
         );
     }
-    kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))
+    match &c.calib {
+        Some(dir) => {
+            let (plan, weights) = calib::calibrate(
+                m,
+                index,
+                analysis,
+                &p.options(),
+                &c.options(),
+                dir,
+                &progress("calibrating"),
+            )
+            .with_context(|| format!("calibrating {} on {}", m.path.display(), dir.display()))?;
+            Ok((plan, Some(weights)))
+        }
+        None => {
+            Ok((kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?, None))
+        }
+    }
 }
 
 fn plan(a: &PlanArgs) -> Result<()> {
@@ -281,13 +366,29 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let m = model::load(&a.model)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
-    let plan = make_plan(&m, &index, &analysis, &a.planning)?;
+    let (plan, refit) = make_plan(&m, &index, &analysis, &a.planning, &a.calib)?;
+    let refit = refit.filter(|w| !w.tensors.is_empty());
     let exported = match &a.export_weights {
-        Some(_) => Some(
-            WeightSet::export(&m.proto, &plan)
-                .with_context(|| format!("exporting the weights of {}", a.model.display()))?,
-        ),
-        None => None,
+        Some(_) => {
+            // The planned Convs' weights as the model has them, with calibration's refit values
+            // (which may also cover Convs that stay) on top: `convert --plan --weights` then
+            // reproduces the calibrated model.
+            let mut set = WeightSet::export(&m.proto, &plan)
+                .with_context(|| format!("exporting the weights of {}", a.model.display()))?;
+            if let Some(r) = &refit {
+                set.tensors.extend(r.tensors.clone());
+            }
+            Some(set)
+        }
+        None => {
+            if refit.is_some() {
+                eprintln!(
+                    "ghostsr: note: calibration also refit weights; a plan file alone does not carry them \
+                     (add --export-weights PATH, use `convert --calib` for the refit model, or --no-refit)"
+                );
+            }
+            None
+        }
     };
     model::write_atomic(&a.output, plan.to_json().as_bytes(), opts)?;
     if let (Some(w), Some(set)) = (&a.export_weights, &exported) {
@@ -334,6 +435,9 @@ struct Timings {
 fn convert(a: &ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut t = Timings::default();
+    if a.plan.is_some() && a.calib.calib.is_some() {
+        bail!("--plan applies a plan file as it is; --calib only applies when ghostsr plans");
+    }
     if a.plan.is_some() && a.planning.any_set() {
         bail!(
             "--plan applies a plan file as it is; --ratio, --seed, --max-shift and --kmeans-iterations only apply when ghostsr plans"
@@ -367,17 +471,22 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     tick(&mut t.analyse);
-    let plan = match &a.plan {
+    let (plan, weights) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
-            plan
+            (plan, None)
         }
-        None => make_plan(&m, &index, &analysis, &a.planning)?,
+        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib)?,
     };
     tick(&mut t.plan);
-    let (out, emitted) = emit::emit(&m.proto, &analysis, &plan, a.emit)
+    // Refit weights from calibration replace the original initializers before the rewrite.
+    let source = match &weights {
+        Some(w) if !w.tensors.is_empty() => std::borrow::Cow::Owned(calib::apply_weights(&m.proto, w)?),
+        _ => std::borrow::Cow::Borrowed(&m.proto),
+    };
+    let (out, emitted) = emit::emit(&source, &analysis, &plan, a.emit)
         .with_context(|| format!("rewriting {}", a.model.display()))?;
     tick(&mut t.emit);
     let bytes = model::encode(&out);

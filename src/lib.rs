@@ -11,6 +11,7 @@
 //! [`generate`] builds synthetic SR graphs for fixtures, tests and benchmarks. The CLI
 //! (`src/main.rs`, [`cli`]) only orchestrates.
 
+pub mod calib;
 pub mod cli;
 pub mod emit;
 pub mod generate;

@@ -1,0 +1,358 @@
+//! Calibration: choose ghosts from data instead of from filter distances.
+//!
+//! The paper's training-free selection (k-means on filters, shift by filter distance) destroys
+//! pretrained SR networks (IMDN x2 λ=0.5: 17 dB on Set5). [`calibrate`] runs the original model
+//! on calibration crops ([`data`]) in ONNX Runtime and captures every ghosted Conv's output
+//! ([`capture`]). Then, Conv by Conv in graph order, it captures the same Conv's output (and
+//! input) in the PARTLY ghosted network — the layers already decided, emitted in standard ops
+//! with their refit weights — and chooses, by least error against the original network's
+//! feature maps ([`fit`]): the intrinsic set (k-medoids on the pairwise ghost-error matrix, per
+//! group), each ghost's source and shift, and its affine terms; finally it refits the kept
+//! filters by ridge least squares through the ghost map ([`refit`]). Every stage can be turned
+//! off ([`CalibOptions`]) so its worth can be measured; k-means stays the starting point (the
+//! layer list and, without the data-chosen set, the intrinsic channels).
+//!
+//! Convs that share weights (CARN) reuse the first use's intrinsic set and choose their own
+//! ghosts; their refit sums the normal equations of every use so far (re-solved at each use).
+
+pub mod capture;
+pub mod data;
+pub mod fit;
+pub mod refit;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::emit::{EmitMode, emit};
+use crate::graph::GraphIndex;
+use crate::graph::analysis::{Analysis, ConvInfo, Verdict};
+use crate::model::Model;
+use crate::onnx::{self, ModelProto};
+use crate::plan::kmeans::{self, PlanOptions};
+use crate::plan::{Ghost, LayerPlan, Plan};
+use crate::runner::sr::{Channels, Chw};
+use crate::weights::{WeightSet, WeightTensor};
+use fit::{Maps, PairStats};
+use refit::ConvGeom;
+
+/// Calibration settings; each stage switch exists to measure that stage's worth.
+#[derive(Clone, Debug)]
+pub struct CalibOptions {
+    /// Number of calibration crops.
+    pub count: usize,
+    /// Crop size in model-input pixels.
+    pub size: usize,
+    /// Fit a scale and bias per ghost (off: ghost = shifted copy).
+    pub affine: bool,
+    /// Fit each layer on the partly ghosted network's features (off: on the original's).
+    pub layer_by_layer: bool,
+    /// Choose the intrinsic set from the data (off: k-means's set).
+    pub data_intrinsic: bool,
+    /// Ridge refit of the kept filters.
+    pub refit: bool,
+    /// With `refit`: also refit the pointwise (1x1) Convs that stay (after the first ghosted
+    /// one) to the original network's outputs, absorbing the error the ghosts upstream leave.
+    /// 3x3 Convs that stay are not refit: on CARN-M the upsampler and exit Convs overfit the
+    /// calibration crops (Set5 -0.5 dB at λ=0.25; see BENCHMARKS.md).
+    pub refit_others: bool,
+    /// Relative ridge strength (times the mean diagonal of the patch Gram matrix).
+    pub ridge: f32,
+    /// Patch samples per layer for the refit.
+    pub samples: usize,
+    /// ONNX Runtime intra-op threads (0: ORT's default).
+    pub threads: usize,
+    /// SR factor for pre-upsampled (VDSR-like) models, whose factor the graph does not say
+    /// (default 2).
+    pub scale: Option<usize>,
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        Self {
+            count: 16,
+            size: 64,
+            affine: true,
+            layer_by_layer: true,
+            data_intrinsic: true,
+            refit: true,
+            refit_others: true,
+            ridge: 3e-2,
+            samples: 32768,
+            threads: 0,
+            scale: None,
+        }
+    }
+}
+
+/// The channel count of the model's data input.
+fn input_channels(proto: &ModelProto, input: &str) -> Result<usize> {
+    use onnx::tensor_shape_proto::dimension::Value;
+    use onnx::type_proto::Value as T;
+    let g = proto.graph.as_ref().context("no graph")?;
+    let vi = g.input.iter().find(|v| v.name.as_deref() == Some(input)).context("no data input")?;
+    let Some(T::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        bail!("the model input is not a tensor");
+    };
+    match t.shape.as_ref().and_then(|s| s.dim.get(1)).and_then(|d| d.value.as_ref()) {
+        Some(Value::DimValue(c)) => Ok(*c as usize),
+        _ => bail!("the model input's channel count is not fixed"),
+    }
+}
+
+/// Replaces initializers of `proto` by the values in `weights` (same names, same shapes).
+/// Private to calibration and the CLI's convert path (the weights module may offer the same).
+pub fn apply_weights(proto: &ModelProto, weights: &WeightSet) -> Result<ModelProto> {
+    let mut p = proto.clone();
+    weights.apply(&mut p).context("applying calibration's refit weights")?;
+    Ok(p)
+}
+
+/// Stride-1, dilation-1 geometry of a Conv, or `None` when the refit does not handle it.
+fn conv_geom(index: &GraphIndex<'_>, conv: &ConvInfo) -> Option<ConvGeom> {
+    let node = index.node(conv.node_index);
+    let ones = |name| onnx::attr_ints(node, name).is_none_or(|v| v.iter().all(|&x| x == 1));
+    if !ones("strides") || !ones("dilations") {
+        return None;
+    }
+    let [kh, kw] = conv.kernel;
+    let pad = match onnx::attr_s(node, "auto_pad").as_deref() {
+        None | Some("NOTSET") | Some("") => {
+            let p = onnx::attr_ints(node, "pads").unwrap_or_else(|| vec![0; 4]);
+            [usize::try_from(*p.first()?).ok()?, usize::try_from(*p.get(1)?).ok()?]
+        }
+        Some("SAME_UPPER") => [(kh - 1) / 2, (kw - 1) / 2],
+        Some("SAME_LOWER") => [kh / 2, kw / 2],
+        Some("VALID") => [0, 0],
+        _ => return None,
+    };
+    Some(ConvGeom { c_in: conv.c_in, c_out: conv.c_out, group: conv.group, kernel: conv.kernel, pad })
+}
+
+/// The model's factor: output size / input size on a 16 x 16 probe.
+fn probe_factor(session: &mut ort::session::Session, input: &str, c: usize, out: &str) -> Result<usize> {
+    let probe = Chw { channels: c, height: 16, width: 16, data: vec![0.5; c * 256] };
+    let y = capture::run(session, input, std::slice::from_ref(&probe), &[out.to_string()])?;
+    if y[0].h % 16 != 0 || y[0].h == 0 {
+        bail!("a 16x16 input gave a {}x{} output: not an integer upscaling", y[0].w, y[0].h);
+    }
+    Ok(y[0].h / 16)
+}
+
+/// Plans every eligible Conv from calibration data (see the module docs) and returns the plan
+/// with the refit weights (replacement values for original initializers; apply them with
+/// [`apply_weights`] before emitting the plan). `progress(done, total, layer)` follows the
+/// layers.
+pub fn calibrate(
+    model: &Model,
+    index: &GraphIndex<'_>,
+    analysis: &Analysis,
+    plan_opts: &PlanOptions,
+    calib: &CalibOptions,
+    images: &Path,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<(Plan, WeightSet)> {
+    let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
+    let proto = &model.proto;
+    let input = capture::input_name(proto)?;
+    let channels = match input_channels(proto, &input)? {
+        3 => Channels::Rgb,
+        1 => Channels::Y,
+        c => bail!("calibration needs a 1- or 3-channel model input, this one has {c}"),
+    };
+    let c_in = if channels == Channels::Rgb { 3 } else { 1 };
+    let final_out = model.graph().output.first().and_then(|o| o.name.clone()).context("no graph output")?;
+
+    // Layers in graph order.
+    let mut layers: Vec<(&LayerPlan, &ConvInfo)> = start
+        .layers
+        .iter()
+        .map(|l| Ok((l, analysis.conv_by_output(&l.conv_output).context("planned Conv not analysed")?)))
+        .collect::<Result<_>>()?;
+    layers.sort_by_key(|(_, c)| c.node_index);
+    let first_ghost = layers.first().map_or(usize::MAX, |(_, c)| c.node_index);
+
+    // Initializers read by several nodes are not refit (one refit could not serve every use).
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &model.graph().node {
+        for i in &n.input {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    // Shared weights (CARN) are refit when every reader is a Conv with the same weight and bias
+    // (the equations of every use so far are summed).
+    let refittable = |conv: &ConvInfo| {
+        let same: Vec<&ConvInfo> = analysis.convs.iter().filter(|c| c.weight == conv.weight).collect();
+        let readers = |name: &str| uses.get(name).copied().unwrap_or(0);
+        readers(&conv.weight) == same.len()
+            && same.iter().all(|c| c.bias == conv.bias)
+            && conv.bias.as_deref().is_none_or(|b| readers(b) == same.len())
+            && index.constant(&conv.weight).is_some()
+            && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
+            && conv_geom(index, conv).is_some()
+    };
+    // Every step in graph order: ghosted Convs, and the pointwise Convs after the first ghosted
+    // one (refit only, to absorb the error upstream ghosts leave).
+    let planned: HashMap<&str, &LayerPlan> = layers.iter().map(|(l, c)| (c.output.as_str(), *l)).collect();
+    let mut steps: Vec<(Option<&LayerPlan>, &ConvInfo)> = analysis
+        .convs
+        .iter()
+        .filter_map(|c| match planned.get(c.output.as_str()) {
+            Some(l) => Some((Some(*l), c)),
+            None => (calib.refit
+                && calib.refit_others
+                && c.node_index > first_ghost
+                && !matches!(c.verdict, Verdict::Unsupported(_))
+                && c.kernel == [1, 1]
+                && refittable(c))
+            .then_some((None, c)),
+        })
+        .collect();
+    steps.sort_by_key(|(_, c)| c.node_index);
+
+    // The original network's features: every step's output (and input, for a refit on the
+    // original's features or for the first step, which sees the original's features anyway).
+    let mut names: Vec<String> = steps.iter().map(|(_, c)| c.output.clone()).collect();
+    if calib.refit && !calib.layer_by_layer {
+        names.extend(steps.iter().map(|(_, c)| c.input.clone()));
+    } else if let (true, Some((_, first))) = (calib.refit, steps.first()) {
+        names.push(first.input.clone());
+    }
+    names.sort();
+    names.dedup();
+    let mut session = capture::open(&capture::with_outputs(proto, &names)?, calib.threads)?;
+    let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
+    let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
+    let crops = data::crops(images, calib.count, calib.size, channels, scale, factor == 1)?;
+    let truth: HashMap<String, Maps> =
+        names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
+    drop(session);
+
+    let mut done: Vec<LayerPlan> = Vec::new();
+    let mut weights = WeightSet::default();
+    let mut first_intrinsic: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
+    let mut equations: HashMap<String, Vec<Vec<refit::GroupEquations>>> = HashMap::new();
+    let total = layers.len();
+    for &(start_layer, conv) in &steps {
+        let at = || format!("calibrating Conv \"{}\" (output \"{}\")", conv.node, conv.output);
+        let y_true = &truth[&conv.output];
+        let do_refit = calib.refit && refittable(conv);
+        // Convs that stay are only visited for a refit, of whole-image (not pooled) features.
+        if start_layer.is_none() && !(do_refit && y_true.h * y_true.w >= 64) {
+            continue;
+        }
+        // This Conv's output (and input) in the partly ghosted network.
+        let current: Option<Vec<Maps>> = if calib.layer_by_layer && !done.is_empty() {
+            let mut want = vec![conv.output.clone()];
+            if do_refit {
+                want.push(conv.input.clone());
+            }
+            let base = capture::with_outputs(&apply_weights(proto, &weights)?, &want)?;
+            let partial = Plan::new(&model.sha256, plan_opts.max_shift, done.clone());
+            let (ghosted, _) = emit(&base, analysis, &partial, EmitMode::Standard).with_context(at)?;
+            let mut s = capture::open(&capture::prune_to(&ghosted, &want)?, calib.threads)?;
+            Some(capture::run(&mut s, &input, &crops, &want).with_context(at)?)
+        } else {
+            None
+        };
+        let x_cur = || match &current {
+            Some(c) => &c[1],
+            None => &truth[&conv.input],
+        };
+        let Some(start_layer) = start_layer else {
+            // A Conv that stays: refit all its filters to the original's output.
+            let all: Vec<usize> = (0..conv.c_out).collect();
+            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
+                .with_context(at)?;
+            continue;
+        };
+        let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
+        let stats = PairStats::compute(y_true, y_cur, plan_opts.max_shift);
+        let key = (conv.weight.clone(), conv.bias.clone());
+        let intrinsic = match first_intrinsic.get(&key) {
+            Some(i) => i.clone(),
+            None if calib.data_intrinsic => {
+                let keep = start_layer.intrinsic.len() / conv.group;
+                fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+            }
+            None => start_layer.intrinsic.clone(),
+        };
+        first_intrinsic.entry(key).or_insert_with(|| intrinsic.clone());
+        let is_kept: Vec<bool> = (0..conv.c_out).map(|c| intrinsic.binary_search(&c).is_ok()).collect();
+        let ghosts: Vec<Ghost> = (0..conv.c_out)
+            .filter(|&c| !is_kept[c])
+            .map(|c| {
+                let (source, di, f) = stats.best(c, &intrinsic, calib.affine);
+                Ghost {
+                    channel: c,
+                    source,
+                    shift: stats.shifts[di],
+                    scale: calib.affine.then_some(f.scale),
+                    bias: calib.affine.then_some(f.bias),
+                }
+            })
+            .collect();
+        let layer = LayerPlan {
+            conv_output: conv.output.clone(),
+            node: conv.node.clone(),
+            out_channels: conv.c_out,
+            intrinsic,
+            ghosts,
+        };
+        layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
+        if do_refit {
+            refit_into(
+                index,
+                conv,
+                x_cur(),
+                y_true,
+                &layer.intrinsic,
+                &layer.ghosts,
+                calib,
+                &mut equations,
+                &mut weights,
+            )
+            .with_context(at)?;
+        }
+        done.push(layer);
+        progress(done.len(), total, &conv.output);
+    }
+    // The plan lists layers in the k-means plan's order.
+    let order: HashMap<&str, usize> =
+        start.layers.iter().enumerate().map(|(i, l)| (l.conv_output.as_str(), i)).collect();
+    done.sort_by_key(|l| order[l.conv_output.as_str()]);
+    let plan = Plan::new(&model.sha256, plan_opts.max_shift, done);
+    plan.validate(analysis).context("internal error: the calibrated plan is invalid")?;
+    Ok((plan, weights))
+}
+
+/// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) from this use's equations and
+/// those of earlier uses of the same weights, and records the new weight and bias in `weights`.
+#[allow(clippy::too_many_arguments)]
+fn refit_into(
+    index: &GraphIndex<'_>,
+    conv: &ConvInfo,
+    x: &Maps,
+    y: &Maps,
+    intrinsic: &[usize],
+    ghosts: &[Ghost],
+    calib: &CalibOptions,
+    equations: &mut HashMap<String, Vec<Vec<refit::GroupEquations>>>,
+    weights: &mut WeightSet,
+) -> Result<()> {
+    let geom = conv_geom(index, conv).context("the Conv's geometry cannot be refit")?;
+    let w_t = index.constant(&conv.weight).context("weights are not constant")?;
+    let w = onnx::tensor_f32(w_t)?;
+    let b_t = conv.bias.as_ref().map(|b| index.constant(b).context("bias is not constant")).transpose()?;
+    let b = b_t.map(onnx::tensor_f32).transpose()?;
+    let eq = refit::equations(x, y, geom, b.is_some(), intrinsic, ghosts, calib.samples)?;
+    let uses = equations.entry(conv.weight.clone()).or_default();
+    uses.push(eq);
+    let (w_new, b_new) = refit::solve(&w, b.as_deref(), geom, uses, calib.ridge as f64)?;
+    weights.tensors.insert(conv.weight.clone(), WeightTensor { dims: w_t.dims.clone(), data: w_new });
+    if let (Some(name), Some(b_t), Some(b_new)) = (&conv.bias, b_t, b_new) {
+        weights.tensors.insert(name.clone(), WeightTensor { dims: b_t.dims.clone(), data: b_new });
+    }
+    Ok(())
+}

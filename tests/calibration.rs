@@ -1,0 +1,100 @@
+//! Calibration end to end on the shipped fixture (`fixtures/edsr_baseline_b4c32_x2.onnx`):
+//! calibrated on BSD68 crops (`../shared/images/BSD68`), the ghost model's output must be far
+//! closer to the original's than the k-means plan's, on held-out crops (Set14), and every plan
+//! must validate; each stage switch must still give a valid plan. Needs `ORT_DYLIB_PATH`
+//! (libonnxruntime.so.1.31.1); without it the test fails, it never skips.
+
+use std::path::PathBuf;
+
+use ghostsr::calib::{self, CalibOptions, capture};
+use ghostsr::emit::{EmitMode, emit};
+use ghostsr::graph::GraphIndex;
+use ghostsr::graph::analysis::{Policy, analyze};
+use ghostsr::model;
+use ghostsr::onnx::ModelProto;
+use ghostsr::plan::kmeans::{PlanOptions, plan_model};
+use ghostsr::runner::session::ORT_DYLIB_ENV;
+use ghostsr::runner::sr::{Channels, Chw};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Final outputs of `proto` on `crops`, concatenated.
+fn outputs(proto: &ModelProto, crops: &[Chw]) -> Vec<f32> {
+    let input = capture::input_name(proto).unwrap();
+    let out = proto.graph.as_ref().unwrap().output[0].name.clone().unwrap();
+    let mut s = capture::open(proto, 2).unwrap();
+    capture::run(&mut s, &input, crops, &[out]).unwrap().remove(0).data
+}
+
+fn mse(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn calibrated_ghosts_track_the_original_far_better_than_kmeans() {
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set: set it to libonnxruntime.so.1.31.1, e.g. from \
+         `pip install onnxruntime==1.31.1` (site-packages/onnxruntime/capi/)"
+    );
+    let shared = root().join("../shared");
+    let bsd68 = shared.join("images/BSD68");
+    let set14 = shared.join("images/Set14");
+    assert!(bsd68.is_dir() && set14.is_dir(), "missing images under {}", shared.display());
+    let m = model::load(&root().join("fixtures/edsr_baseline_b4c32_x2.onnx")).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+
+    let held_out = calib::data::crops(&set14, 4, 40, Channels::Rgb, 2, false).unwrap();
+    let reference = outputs(&m.proto, &held_out);
+
+    let kmeans = plan_model(&index, &analysis, &m.sha256, &popts, &|_, _, _| {}).unwrap();
+    let (km_model, _) = emit(&m.proto, &analysis, &kmeans, EmitMode::Standard).unwrap();
+    let err_kmeans = mse(&outputs(&km_model, &held_out), &reference);
+
+    let run = |opts: &CalibOptions| {
+        let (plan, weights) =
+            calib::calibrate(&m, &index, &analysis, &popts, opts, &bsd68, &|_, _, _| {}).unwrap();
+        plan.validate(&analysis).unwrap();
+        assert_eq!(plan.layers.len(), kmeans.layers.len());
+        for name in weights.tensors.keys() {
+            assert!(index.initializer(name).is_some(), "refit weight '{name}' is no initializer");
+        }
+        let proto = calib::apply_weights(&m.proto, &weights).unwrap();
+        let (ghost, _) = emit(&proto, &analysis, &plan, EmitMode::Standard).unwrap();
+        (mse(&outputs(&ghost, &held_out), &reference), plan, weights)
+    };
+    let base = CalibOptions { count: 8, size: 40, threads: 2, ..Default::default() };
+    let (err_full, plan, weights) = run(&base);
+    assert!(!weights.tensors.is_empty(), "the refit produced no weights");
+    assert!(plan.layers.iter().any(|l| l.ghosts.iter().any(|g| g.scale.is_some())), "no affine terms");
+    eprintln!("output MSE vs original: k-means {err_kmeans:.3e}, calibrated {err_full:.3e}");
+    assert!(
+        err_full < 0.2 * err_kmeans,
+        "calibrated MSE {err_full:.3e} is not much smaller than k-means's {err_kmeans:.3e}"
+    );
+
+    // Every stage off: still a valid plan (no refit weights, no affine terms) and no worse
+    // than k-means on the filters.
+    let bare = CalibOptions {
+        affine: false,
+        layer_by_layer: false,
+        data_intrinsic: false,
+        refit: false,
+        ..base.clone()
+    };
+    let (err_bare, plan, weights) = run(&bare);
+    assert!(weights.tensors.is_empty());
+    assert!(plan.layers.iter().all(|l| l.ghosts.iter().all(|g| g.scale.is_none() && g.bias.is_none())));
+    // Same intrinsic sets as k-means without the data-chosen set.
+    for (a, b) in plan.layers.iter().zip(&kmeans.layers) {
+        assert_eq!(a.intrinsic, b.intrinsic, "{}", a.conv_output);
+    }
+    eprintln!("every stage off: {err_bare:.3e}");
+    assert!(err_bare <= err_kmeans * 1.05, "source+shift by data {err_bare:.3e} vs k-means {err_kmeans:.3e}");
+    assert!(err_full < err_bare, "all stages {err_full:.3e} vs none {err_bare:.3e}");
+}
