@@ -98,3 +98,57 @@ fn calibrated_ghosts_track_the_original_far_better_than_kmeans() {
     assert!(err_bare <= err_kmeans * 1.05, "source+shift by data {err_bare:.3e} vs k-means {err_kmeans:.3e}");
     assert!(err_full < err_bare, "all stages {err_full:.3e} vs none {err_bare:.3e}");
 }
+
+/// `plan --calib --export-weights` then `convert --plan --weights` rebuilds exactly the model
+/// that `convert --calib` writes: the plan plus the weights file carry everything calibration
+/// decided, refit weights included.
+#[test]
+fn calibrated_plan_and_weights_reproduce_convert_calib() {
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
+    );
+    let bin = env!("CARGO_BIN_EXE_ghostsr");
+    let fixture = root().join("fixtures/edsr_baseline_b4c32_x2.onnx");
+    let calib_dir = root().join("../shared/images/BSD68");
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let direct = p("direct.onnx");
+    run(&[
+        os("convert"),
+        fixture.as_os_str(),
+        os("-o"),
+        direct.as_os_str(),
+        os("--calib"),
+        calib_dir.as_os_str(),
+    ]);
+    let (plan, weights, rebuilt) = (p("plan.json"), p("w.safetensors"), p("rebuilt.onnx"));
+    run(&[
+        os("plan"),
+        fixture.as_os_str(),
+        os("-o"),
+        plan.as_os_str(),
+        os("--calib"),
+        calib_dir.as_os_str(),
+        os("--export-weights"),
+        weights.as_os_str(),
+    ]);
+    run(&[
+        os("convert"),
+        fixture.as_os_str(),
+        os("--plan"),
+        plan.as_os_str(),
+        os("--weights"),
+        weights.as_os_str(),
+        os("-o"),
+        rebuilt.as_os_str(),
+    ]);
+    assert!(std::fs::read(&direct).unwrap() == std::fs::read(&rebuilt).unwrap(), "the two models differ");
+    let m = model::load(&rebuilt).unwrap();
+    assert!(m.graph().node.iter().any(|n| n.op_type() == "GhostShift"));
+}
