@@ -23,4 +23,5 @@ pub mod plan;
 pub mod plugin;
 pub mod report;
 pub mod runner;
+pub mod sweep;
 pub mod weights;
