@@ -42,6 +42,7 @@ Typical use:
       (much better quality without training; needs ORT_DYLIB_PATH)
   ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
   ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
+  ghostsr sweep model.onnx --images Set5/ --scale 2 --calib BSD68/ --plot sweep.svg
 
 Running models needs ONNX Runtime 1.31.1: set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1
 (pip install onnxruntime==1.31.1; it is in site-packages/onnxruntime/capi/). Ghost models in
