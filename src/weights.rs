@@ -377,13 +377,12 @@ impl WeightSet {
         let graph = model.graph.as_ref().context("the model has no graph")?;
         let inits: HashMap<&str, &onnx::TensorProto> =
             graph.initializer.iter().map(|t| (onnx::tensor_name(t), t)).collect();
+        let index = crate::graph::GraphIndex::new(graph)?;
         let mut set = Self::default();
         for (i, layer) in plan.layers.iter().enumerate() {
             let at = || format!("plan layers[{i}] (conv_output \"{}\")", layer.conv_output);
-            let Some(node) = graph
-                .node
-                .iter()
-                .find(|n| n.op_type() == "Conv" && n.output.first() == Some(&layer.conv_output))
+            let Some(node) =
+                index.producer(&layer.conv_output).map(|i| index.node(i)).filter(|n| n.op_type() == "Conv")
             else {
                 bail!("{}: unknown tensor: no Conv in the model writes it", at());
             };

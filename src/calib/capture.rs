@@ -75,11 +75,7 @@ pub fn prune_to(proto: &ModelProto, names: &[String]) -> Result<ModelProto> {
 pub fn open(proto: &ModelProto, threads: usize) -> Result<Session> {
     let env = environment()?;
     let bytes = crate::model::encode(proto);
-    let mut builder = Session::builder(env).map_err(ort_err)?.with_flush_to_zero().map_err(ort_err)?;
-    if threads > 0 {
-        builder = builder.with_intra_threads(threads).map_err(ort_err)?;
-    }
-    builder
+    crate::runner::session::base_builder(env, threads)?
         .commit_from_memory(&bytes)
         .map_err(ort_err)
         .context("loading the calibration model into ONNX Runtime")
