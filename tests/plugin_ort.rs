@@ -189,7 +189,10 @@ fn bad_attributes_name_ghostshift() {
 }
 
 /// A session with the plugin for model `bytes`.
+/// Tests run on parallel threads; registering the plugin's domain is serialised as ghostsr's
+/// own runner does it (ONNX Runtime's domain table insert is not atomic).
 fn open(bytes: &[u8]) -> ort::Result<Session> {
+    let _registering = ghostsr::runner::session::plugin_registration_lock();
     Session::builder(env())?.with_operator_library(plugin_path())?.commit_from_memory(bytes)
 }
 

@@ -178,6 +178,18 @@ pub fn base_builder(env: &Environment, threads: usize) -> Result<SessionBuilder>
     Ok(builder)
 }
 
+/// Serialises creating sessions that register the GhostShift plugin within this process.
+///
+/// ONNX Runtime 1.31 adds a custom op domain to ONNX's process-wide domain/version table with
+/// a check-then-insert that is not atomic: two sessions registering `ai.ghostsr` at the same
+/// moment fail with "Trying to add a domain to DomainToVersion map, but the domain is already
+/// exist". Running such sessions in parallel is fine; only their creation is serialised.
+pub fn plugin_registration_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A panic while holding the guard poisons it, but the () it guards cannot be left broken.
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Opens `model` as an ONNX Runtime session configured by `cfg`.
 pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
     let env = environment()?;
@@ -188,8 +200,11 @@ pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
     if cfg.provider == Provider::Cuda {
         append_cuda(&mut builder)?;
     }
+    // Held from registering the plugin until the session exists: see `plugin_registration_lock`.
+    let mut _registering = None;
     if needs_plugin || cfg.plugin.is_some() {
         let plugin = find_plugin(cfg.plugin.as_deref())?;
+        _registering = Some(plugin_registration_lock());
         builder = builder
             .with_operator_library(&plugin)
             .map_err(ort_err)
