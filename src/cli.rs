@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::calib::budget::{Budget, BudgetReport};
 use crate::calib::{self, CalibOptions};
 use crate::emit::{self, EmitMode};
 use crate::graph::GraphIndex;
@@ -168,6 +169,7 @@ impl PlanningArgs {
             seed: self.seed.unwrap_or(d.seed),
             max_shift: self.max_shift.unwrap_or(d.max_shift),
             max_iterations: self.kmeans_iterations.unwrap_or(d.max_iterations),
+            ..d
         }
     }
 
@@ -239,6 +241,38 @@ impl CalibArgs {
     }
 }
 
+/// Quality budget: λ chosen per layer (needs --calib).
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Choose λ per layer so that PSNR-Y on the calibration crops drops at most D dB against
+    /// the original model, ghosting as much as that allows: a sensitivity pass ghosts each layer
+    /// alone at λ = 0.25, 0.5 and 0.75, then a few layer-by-layer calibrations bracket the
+    /// budget. Prints each layer's choice. Needs --calib; replaces --ratio.
+    #[arg(long, value_name = "D", requires = "calib", conflicts_with_all = ["ratio", "target_macs"],
+          value_parser = parse_positive)]
+    pub max_psnr_drop: Option<f64>,
+    /// Choose λ per layer so that the Conv multiply-adds are at most F times the original's, at
+    /// the least quality loss the sensitivity pass predicts. Needs --calib; replaces --ratio.
+    #[arg(long, value_name = "F", requires = "calib", conflicts_with = "ratio", value_parser = parse_fraction)]
+    pub target_macs: Option<f64>,
+}
+
+impl BudgetArgs {
+    fn budget(&self) -> Option<Budget> {
+        self.max_psnr_drop.map(Budget::MaxPsnrDrop).or(self.target_macs.map(Budget::TargetMacs))
+    }
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v.is_finite() { Ok(v) } else { Err(format!("{v} is not a positive number")) }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err(format!("{v} is outside (0, 1)")) }
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [0, 1)")) }
@@ -274,6 +308,8 @@ pub struct PlanArgs {
     pub planning: PlanningArgs,
     #[command(flatten)]
     pub calib: CalibArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -311,6 +347,8 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub calib: CalibArgs,
     #[command(flatten)]
+    pub budget: BudgetArgs,
+    #[command(flatten)]
     pub policy: PolicyArgs,
 }
 
@@ -343,6 +381,22 @@ fn inspect(a: &InspectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Progress of a multi-stage job on stderr: a rewriting counter on a terminal, a few lines per
+/// stage otherwise.
+fn staged_progress() -> impl Fn(&str, usize, usize) + Sync {
+    let tty = std::io::stderr().is_terminal();
+    move |stage, done, total| {
+        if tty {
+            eprint!("\r{stage}: {done}/{total}   ");
+            if done == total {
+                eprintln!();
+            }
+        } else if done == total || (total >= 8 && (done * 4 / total != (done - 1) * 4 / total)) {
+            eprintln!("{stage}: {done}/{total}");
+        }
+    }
 }
 
 /// Progress on stderr: a rewriting counter on a terminal, a few lines otherwise.
@@ -393,13 +447,15 @@ fn sweep(a: &SweepArgs) -> Result<()> {
     Ok(())
 }
 
+/// A plan (and calibration's refit weights, and the budget's report) as the flags ask.
 fn make_plan(
     m: &model::Model,
     index: &GraphIndex<'_>,
     analysis: &analysis::Analysis,
     p: &PlanningArgs,
     c: &CalibArgs,
-) -> Result<(Plan, Option<WeightSet>)> {
+    b: &BudgetArgs,
+) -> Result<(Plan, Option<WeightSet>, Option<BudgetReport>)> {
     if analysis.eligible().next().is_none() {
         bail!(
             "{}: no Conv is eligible for ghosting; run `ghostsr inspect {}` to see why each is skipped (--include NAME overrides the policy)",
@@ -407,8 +463,24 @@ fn make_plan(
             m.path.display()
         );
     }
-    match &c.calib {
-        Some(dir) => {
+    let what = |dir: &Path| format!("calibrating {} on {}", m.path.display(), dir.display());
+    match (&c.calib, b.budget()) {
+        (Some(dir), Some(budget)) => {
+            let (plan, weights, report) = calib::budget::calibrate_to_budget(
+                m,
+                index,
+                analysis,
+                &p.options(),
+                &c.options(),
+                dir,
+                budget,
+                &staged_progress(),
+            )
+            .with_context(|| what(dir))?;
+            eprint!("{}", calib::budget::render(&report));
+            Ok((plan, Some(weights), Some(report)))
+        }
+        (Some(dir), None) => {
             let (plan, weights) = calib::calibrate(
                 m,
                 index,
@@ -418,12 +490,15 @@ fn make_plan(
                 dir,
                 &progress("calibrating"),
             )
-            .with_context(|| format!("calibrating {} on {}", m.path.display(), dir.display()))?;
-            Ok((plan, Some(weights)))
+            .with_context(|| what(dir))?;
+            Ok((plan, Some(weights), None))
         }
-        None => {
-            Ok((kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?, None))
-        }
+        (None, Some(_)) => bail!("--max-psnr-drop and --target-macs need --calib DIR"),
+        (None, None) => Ok((
+            kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?,
+            None,
+            None,
+        )),
     }
 }
 
@@ -440,7 +515,7 @@ fn plan(a: &PlanArgs) -> Result<()> {
     let m = model::load(&a.model)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
-    let (plan, refit) = make_plan(&m, &index, &analysis, &a.planning, &a.calib)?;
+    let (plan, refit, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?;
     let refit = refit.filter(|w| !w.tensors.is_empty());
     let exported = match &a.export_weights {
         Some(_) => {
@@ -494,6 +569,9 @@ struct ConvertSummary {
     reorders: Vec<(String, String)>,
     absorbed: usize,
     seconds: Timings,
+    /// With --max-psnr-drop or --target-macs: each layer's λ and the measured result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<BudgetReport>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -545,14 +623,14 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     tick(&mut t.analyse);
-    let (plan, weights) = match &a.plan {
+    let (plan, weights, budget) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
-            (plan, None)
+            (plan, None, None)
         }
-        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib)?,
+        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?,
     };
     tick(&mut t.plan);
     // Refit weights from calibration replace the original initializers before the rewrite.
@@ -588,6 +666,7 @@ fn convert(a: &ConvertArgs) -> Result<()> {
         reorders: emitted.reorders,
         absorbed: emitted.absorbed,
         seconds: t,
+        budget,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -695,6 +774,38 @@ mod tests {
         };
         assert_eq!(p.policy.include, vec!["a", "b"]);
         assert!(p.policy.policy().allow_1x1);
+    }
+
+    #[test]
+    fn budget_flags_need_calibration_and_exclude_ratio_and_each_other() {
+        let base = ["convert", "m.onnx", "-o", "g.onnx", "--calib", "dir"];
+        let with =
+            |extra: &[&'static str]| -> Vec<&'static str> { base.iter().chain(extra).copied().collect() };
+        let Command::Convert(c) = parse(&with(&["--max-psnr-drop", "0.3"])).unwrap().command else {
+            panic!("not convert")
+        };
+        assert_eq!(c.budget.budget(), Some(Budget::MaxPsnrDrop(0.3)));
+        let Command::Plan(p) =
+            parse(&["plan", "m.onnx", "-o", "p.json", "--calib", "d", "--target-macs", "0.6"])
+                .unwrap()
+                .command
+        else {
+            panic!("not plan")
+        };
+        assert_eq!(p.budget.budget(), Some(Budget::TargetMacs(0.6)));
+        for bad in [
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--max-psnr-drop", "0.3"],
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--target-macs", "0.5"],
+            with(&["--max-psnr-drop", "0.3", "--target-macs", "0.5"]),
+            with(&["--max-psnr-drop", "0.3", "--ratio", "0.5"]),
+            with(&["--target-macs", "0.5", "--ratio", "0.5"]),
+            with(&["--target-macs", "1.0"]),
+            with(&["--target-macs", "0"]),
+            with(&["--max-psnr-drop", "-1"]),
+            with(&["--max-psnr-drop", "nan"]),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

@@ -215,3 +215,74 @@ fn sweep_reports_both_methods_and_plots_them() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<polyline").count(), 2);
 }
+
+/// Pooled MSE on Y (8-bit outputs, `shave` pixels shaved) of `proto` against the HR crops: an
+/// independent re-measurement of what the budget reports.
+fn mse_vs_hr(proto: &ModelProto, samples: &[calib::data::Sample], shave: usize) -> f64 {
+    use ghostsr::runner::metrics::Plane;
+    let crops: Vec<Chw> = samples.iter().map(|s| s.lr.clone()).collect();
+    let out = outputs(proto, &crops);
+    let per = out.len() / crops.len();
+    let (mut se, mut n) = (0.0, 0usize);
+    for (k, s) in samples.iter().enumerate() {
+        let (h, w) = (s.hr.height, s.hr.width);
+        let sr = Chw { channels: 3, height: h, width: w, data: out[k * per..(k + 1) * per].to_vec() };
+        let a = Plane::y_shaved(&sr.to_rgb().unwrap(), shave).unwrap();
+        let b = Plane::y_shaved(&s.hr, shave).unwrap();
+        se += a.data.iter().zip(&b.data).map(|(x, y)| (x - y) * (x - y)).sum::<f64>();
+        n += a.data.len();
+    }
+    se / n as f64
+}
+
+#[test]
+fn quality_budget_meets_macs_targets_and_psnr_budgets_as_remeasured() {
+    use calib::budget::{Budget, calibrate_to_budget};
+    assert!(std::env::var_os(ORT_DYLIB_ENV).is_some(), "{ORT_DYLIB_ENV} is not set");
+    let bsd68 = root().join("../shared/images/BSD68");
+    let m = model::load(&root().join("fixtures/edsr_baseline_b4c32_x2.onnx")).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions::default();
+    let copts = CalibOptions { count: 6, size: 32, threads: 2, samples: 8192, ..Default::default() };
+    let samples = calib::data::samples(&bsd68, copts.count, copts.size, Channels::Rgb, 2, false).unwrap();
+    let macs = |p: &ModelProto| {
+        let i = GraphIndex::new(p.graph.as_ref().unwrap()).unwrap();
+        let a = analyze(&i, &Policy::default()).unwrap();
+        ghostsr::report::inspect("", p, &i, &a).macs_per_pixel
+    };
+    let orig_macs = macs(&m.proto);
+    let orig_mse = mse_vs_hr(&m.proto, &samples, 2);
+
+    for budget in [Budget::TargetMacs(0.7), Budget::MaxPsnrDrop(0.01)] {
+        let (plan, weights, report) =
+            calibrate_to_budget(&m, &index, &analysis, &popts, &copts, &bsd68, budget, &|_, _, _| {})
+                .unwrap();
+        plan.validate(&analysis).unwrap();
+        assert!(report.met, "{budget}: {report:?}");
+        let proto = calib::apply_weights(&m.proto, &weights).unwrap();
+        let (ghost, _) = emit(&proto, &analysis, &plan, EmitMode::Standard).unwrap();
+        // The reported MACs fraction is the emitted model's (plugin form: the standard form's
+        // one-hot depthwise Convs count a few multiply-adds of their own).
+        let (plugin, _) = emit(&proto, &analysis, &plan, EmitMode::Plugin).unwrap();
+        let fraction = macs(&plugin) / orig_macs;
+        assert!((fraction - report.macs_fraction).abs() < 0.01, "{fraction} vs {}", report.macs_fraction);
+        assert!(fraction < 0.999, "{budget}: nothing was ghosted");
+        // Each layer's λ is the one the plan applies.
+        for choice in &report.layers {
+            let conv = analysis.conv_by_output(&choice.conv_outputs[0]).unwrap();
+            let ghosts =
+                plan.layers.iter().find(|l| l.conv_output == conv.output).map_or(0, |l| l.ghosts.len());
+            let keep = PlanOptions { ratio: choice.ratio, ..Default::default() }.keep_per_group(conv);
+            assert_eq!(ghosts, conv.c_out - keep * conv.group, "{}", conv.output);
+        }
+        // The reported PSNRs are what the models give on the calibration crops.
+        let psnr = |mse: f64| 10.0 * (255.0f64 * 255.0 / mse).log10();
+        let drop = psnr(orig_mse) - psnr(mse_vs_hr(&ghost, &samples, 2));
+        assert!((drop - report.drop_db).abs() < 1e-3, "{budget}: drop {drop} vs reported {}", report.drop_db);
+        match budget {
+            Budget::TargetMacs(f) => assert!(fraction <= f + 1e-9, "MACs {fraction} > {f}"),
+            Budget::MaxPsnrDrop(d) => assert!(drop <= d, "drop {drop} > {d}"),
+        }
+    }
+}

@@ -26,6 +26,14 @@ fn crop(img: &Image, y0: usize, x0: usize, size: usize) -> Image {
     Image { height: size, width: size, channels: c, data }
 }
 
+/// One calibration crop: the model input and the HR window it should become.
+pub struct Sample {
+    /// The model input (LR, or bicubic-upscaled LR for pre-upsampled models).
+    pub lr: Chw,
+    /// The matching window of the (modcropped) HR image, 8-bit RGB.
+    pub hr: Image,
+}
+
 /// `count` crops of `size` x `size` model-input pixels. Images are taken evenly spread over the
 /// sorted folder (cycling when `count` exceeds it); crop positions come from a fixed seed.
 /// `scale` is the SR factor used to make the LR image; `pre_upsampled` models get it upscaled
@@ -38,6 +46,18 @@ pub fn crops(
     scale: usize,
     pre_upsampled: bool,
 ) -> Result<Vec<Chw>> {
+    Ok(samples(dir, count, size, channels, scale, pre_upsampled)?.into_iter().map(|s| s.lr).collect())
+}
+
+/// [`crops`] with their HR windows, to measure quality on the calibration images.
+pub fn samples(
+    dir: &Path,
+    count: usize,
+    size: usize,
+    channels: Channels,
+    scale: usize,
+    pre_upsampled: bool,
+) -> Result<Vec<Sample>> {
     if count == 0 || size < 8 {
         bail!("calibration needs at least one crop of at least 8x8 pixels");
     }
@@ -64,10 +84,13 @@ pub fn crops(
         let y0 = rng.gen_range(0..=lr.height - size);
         let x0 = rng.gen_range(0..=lr.width - size);
         let c = crop(&lr, y0, x0, size);
-        out.push(match channels {
+        let lr = match channels {
             Channels::Rgb => Chw::from_rgb(&c),
             Channels::Y => Chw::from_y(size, size, &rgb_to_y(&c)),
-        });
+        };
+        // The LR image of a pre-upsampled model has the HR image's size.
+        let f = if pre_upsampled { 1 } else { scale };
+        out.push(Sample { lr, hr: crop(&hr, y0 * f, x0 * f, size * f) });
     }
     Ok(out)
 }

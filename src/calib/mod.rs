@@ -15,6 +15,7 @@
 //! Convs that share weights (CARN) reuse the first use's intrinsic set and choose their own
 //! ghosts; their refit sums the normal equations of every use so far (re-solved at each use).
 
+pub mod budget;
 pub mod capture;
 pub mod data;
 pub mod fit;
@@ -165,33 +166,15 @@ pub fn calibrate(
     let final_out = model.graph().output.first().and_then(|o| o.name.clone()).context("no graph output")?;
 
     // Layers in graph order.
+    // Layers with no ghost (λ = 0 for that layer) stay as they are.
     let mut layers: Vec<(&LayerPlan, &ConvInfo)> = start
-        .layers
-        .iter()
+        .active_layers()
         .map(|l| Ok((l, analysis.conv_by_output(&l.conv_output).context("planned Conv not analysed")?)))
         .collect::<Result<_>>()?;
     layers.sort_by_key(|(_, c)| c.node_index);
     let first_ghost = layers.first().map_or(usize::MAX, |(_, c)| c.node_index);
 
-    // Initializers read by several nodes are not refit (one refit could not serve every use).
-    let mut uses: HashMap<&str, usize> = HashMap::new();
-    for n in &model.graph().node {
-        for i in &n.input {
-            *uses.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    // Shared weights (CARN) are refit when every reader is a Conv with the same weight and bias
-    // (the equations of every use so far are summed).
-    let refittable = |conv: &ConvInfo| {
-        let same: Vec<&ConvInfo> = analysis.convs.iter().filter(|c| c.weight == conv.weight).collect();
-        let readers = |name: &str| uses.get(name).copied().unwrap_or(0);
-        readers(&conv.weight) == same.len()
-            && same.iter().all(|c| c.bias == conv.bias)
-            && conv.bias.as_deref().is_none_or(|b| readers(b) == same.len())
-            && index.constant(&conv.weight).is_some()
-            && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
-            && conv_geom(index, conv).is_some()
-    };
+    let refittable = |conv: &ConvInfo| refittable(model, index, analysis, conv);
     // Every step in graph order: ghosted Convs, and the pointwise Convs after the first ghosted
     // one (refit only, to absorb the error upstream ghosts leave).
     let planned: HashMap<&str, &LayerPlan> = layers.iter().map(|(l, c)| (c.output.as_str(), *l)).collect();
@@ -279,27 +262,7 @@ pub fn calibrate(
             None => start_layer.intrinsic.clone(),
         };
         first_intrinsic.entry(key).or_insert_with(|| intrinsic.clone());
-        let is_kept: Vec<bool> = (0..conv.c_out).map(|c| intrinsic.binary_search(&c).is_ok()).collect();
-        let ghosts: Vec<Ghost> = (0..conv.c_out)
-            .filter(|&c| !is_kept[c])
-            .map(|c| {
-                let (source, di, f) = stats.best(c, &intrinsic, calib.affine);
-                Ghost {
-                    channel: c,
-                    source,
-                    shift: stats.shifts[di],
-                    scale: calib.affine.then_some(f.scale),
-                    bias: calib.affine.then_some(f.bias),
-                }
-            })
-            .collect();
-        let layer = LayerPlan {
-            conv_output: conv.output.clone(),
-            node: conv.node.clone(),
-            out_channels: conv.c_out,
-            intrinsic,
-            ghosts,
-        };
+        let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
         if do_refit {
             refit_into(
@@ -325,6 +288,47 @@ pub fn calibrate(
     let plan = Plan::new(&model.sha256, plan_opts.max_shift, done);
     plan.validate(analysis).context("internal error: the calibrated plan is invalid")?;
     Ok((plan, weights))
+}
+
+/// Whether `conv`'s weights can be refit: constant, stride 1, dilation 1, and read by no other
+/// node, unless every reader is a Conv with the same weight and bias (CARN's shared blocks: the
+/// equations of every use are summed), since one refit could not serve different uses.
+fn refittable(model: &Model, index: &GraphIndex<'_>, analysis: &Analysis, conv: &ConvInfo) -> bool {
+    let readers =
+        |name: &str| model.graph().node.iter().flat_map(|n| &n.input).filter(|i| i.as_str() == name).count();
+    let same: Vec<&ConvInfo> = analysis.convs.iter().filter(|c| c.weight == conv.weight).collect();
+    readers(&conv.weight) == same.len()
+        && same.iter().all(|c| c.bias == conv.bias)
+        && conv.bias.as_deref().is_none_or(|b| readers(b) == same.len())
+        && index.constant(&conv.weight).is_some()
+        && conv.bias.as_deref().is_none_or(|b| index.constant(b).is_some())
+        && conv_geom(index, conv).is_some()
+}
+
+/// The plan of `conv` with the given intrinsic channels: every other channel a ghost with the
+/// source, shift (and, with `affine`, scale and bias) of least error in `stats`.
+fn fit_layer(conv: &ConvInfo, stats: &PairStats, intrinsic: Vec<usize>, affine: bool) -> LayerPlan {
+    let is_kept: Vec<bool> = (0..conv.c_out).map(|c| intrinsic.binary_search(&c).is_ok()).collect();
+    let ghosts: Vec<Ghost> = (0..conv.c_out)
+        .filter(|&c| !is_kept[c])
+        .map(|c| {
+            let (source, di, f) = stats.best(c, &intrinsic, affine);
+            Ghost {
+                channel: c,
+                source,
+                shift: stats.shifts[di],
+                scale: affine.then_some(f.scale),
+                bias: affine.then_some(f.bias),
+            }
+        })
+        .collect();
+    LayerPlan {
+        conv_output: conv.output.clone(),
+        node: conv.node.clone(),
+        out_channels: conv.c_out,
+        intrinsic,
+        ghosts,
+    }
 }
 
 /// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) from this use's equations and

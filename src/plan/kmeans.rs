@@ -10,7 +10,7 @@
 //! k-means starts from our own k-means++ seeding (one run), since linfa's k-means++ start alone
 //! costs seconds on a 256 x 2304 layer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result};
 use linfa::DatasetBase;
@@ -31,6 +31,9 @@ use crate::plan::{Ghost, LayerPlan, Plan};
 pub struct PlanOptions {
     /// Fraction λ of each layer's filters that become ghosts.
     pub ratio: f64,
+    /// Per-layer λ (by Conv output name) overriding `ratio`; the quality budget
+    /// (`crate::calib::budget`) fills it.
+    pub layer_ratios: BTreeMap<String, f64>,
     pub seed: u64,
     pub max_shift: i64,
     /// Lloyd iteration cap (linfa). From a k-means++ start a few iterations settle nearly all
@@ -40,7 +43,20 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self { ratio: 0.5, seed: 0, max_shift: 1, max_iterations: 5 }
+        Self { ratio: 0.5, layer_ratios: BTreeMap::new(), seed: 0, max_shift: 1, max_iterations: 5 }
+    }
+}
+
+impl PlanOptions {
+    /// λ of the Conv whose output is `conv_output`.
+    pub fn ratio_for(&self, conv_output: &str) -> f64 {
+        self.layer_ratios.get(conv_output).copied().unwrap_or(self.ratio)
+    }
+
+    /// The number of filters kept per group of `conv` (at least one).
+    pub fn keep_per_group(&self, conv: &ConvInfo) -> usize {
+        let per = conv.filters_per_group();
+        ((per as f64) * (1.0 - self.ratio_for(&conv.output))).round().clamp(1.0, per as f64) as usize
     }
 }
 
@@ -103,7 +119,7 @@ pub fn plan_layer(conv: &ConvInfo, weights: &[f32], opts: &PlanOptions, seed: u6
     }
     let per = conv.filters_per_group();
     let dim = weights.len() / conv.c_out;
-    let keep = ((per as f64) * (1.0 - opts.ratio)).round().clamp(1.0, per as f64) as usize;
+    let keep = opts.keep_per_group(conv);
     let mut intrinsic = Vec::new();
     let mut ghosts = Vec::new();
     for g in 0..conv.group {
