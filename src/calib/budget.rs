@@ -88,6 +88,8 @@ pub struct BudgetReport {
     /// PSNR-Y (dB) of the ghost model on the calibration crops.
     pub psnr: f64,
     pub drop_db: f64,
+    /// The drop the sensitivity pass predicted for this state (damages summed, uncorrected).
+    pub predicted_drop_db: f64,
     /// Conv multiply-adds of the ghost model / the original's.
     pub macs_fraction: f64,
     /// Every eligible layer, in graph order.
@@ -232,6 +234,7 @@ pub fn calibrate_to_budget(
         original_psnr: psnr(mse_orig),
         psnr: psnr(mse),
         drop_db,
+        predicted_drop_db: psnr(mse_orig) - psnr(mse_orig + state.damage),
         macs_fraction: fraction(&state),
         layers,
         calibrations,
@@ -253,10 +256,11 @@ pub fn render(r: &BudgetReport) -> String {
         out += &format!("  {:<44} {:>8.2} {:>6} {:>10.4}\n", name, 100.0 * l.macs_share, l.ratio, l.damage);
     }
     out += &format!(
-        "  PSNR-Y on the calibration crops: {:.3} -> {:.3} dB (drop {:.3} dB); MACs {:.3} x original{}\n",
+        "  PSNR-Y on the calibration crops: {:.3} -> {:.3} dB (drop {:.3} dB, predicted {:.3}); MACs {:.3} x original{}\n",
         r.original_psnr,
         r.psnr,
         r.drop_db,
+        r.predicted_drop_db,
         r.macs_fraction,
         if r.met { "" } else { "  (budget NOT met)" }
     );
