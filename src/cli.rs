@@ -330,7 +330,8 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "PATH")]
     pub weights: Option<PathBuf>,
     /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
-    /// Runtime); `standard` uses standard ONNX ops only.
+    /// Runtime); `standard` and `conv` use standard ONNX ops only (`conv`: Convs only, fastest
+    /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
     /// Also write the plan that was applied to this path.

@@ -77,7 +77,7 @@ fn export_then_apply_is_identical_and_edits_reach_the_model() {
     assert_eq!(set.tensors.len(), expected, "exactly the planned Convs' weights and biases");
 
     // Export then apply: byte-identical to the plan alone, in every emitted form.
-    for emit in ["plugin", "standard", "fused"] {
+    for emit in ["plugin", "standard", "fused", "conv"] {
         let (a, b) = (d(&format!("a.{emit}.onnx")), d(&format!("b.{emit}.onnx")));
         ok(&["convert", s(&fx), "--plan", s(&plan_p), "--emit", emit, "-o", s(&a)]);
         ok(&["convert", s(&fx), "--plan", s(&plan_p), "--weights", s(&w_p), "--emit", emit, "-o", s(&b)]);

@@ -1,6 +1,8 @@
 //! From Rust `ort`: the `--emit plugin` form of every model in ../shared/models, run with the
 //! GhostShift plugin, equals its `--emit standard` form (same plan) within 1e-5 of the output
-//! range, on a real image crop. The conversion runs in process through the library API.
+//! range, on a real image crop, and the `--emit fused` form equals the `--emit conv` form (the
+//! pairs share a channel layout, so consumers sum in the same order). The conversion runs in
+//! process through the library API.
 //!
 //! Needs `ORT_DYLIB_PATH` (libonnxruntime.so.1.31.1) and the plugin built by
 //! `cargo build --release` / `cargo test` (target/<profile>/libghostsr.so); fails, never skips.
@@ -71,7 +73,8 @@ fn plugin_form_equals_standard_form_for_every_shared_model() {
         let plan =
             kmeans::plan_model(&index, &analysis, &m.sha256, &PlanOptions::default(), &|_, _, _| {}).unwrap();
         let mut outputs = Vec::new();
-        for mode in [EmitMode::Plugin, EmitMode::Standard] {
+        // Pairs with the same channel layout: Concat forms, then original-order forms.
+        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv] {
             let (out, _) = emit::emit(&m.proto, &analysis, &plan, mode).unwrap();
             let file = dir.path().join(format!("{name}.{mode:?}.onnx"));
             fs::write(&file, model::encode(&out)).unwrap();
@@ -81,11 +84,13 @@ fn plugin_form_equals_standard_form_for_every_shared_model() {
             let input = crop(channels);
             outputs.push(sr.infer(&input).unwrap_or_else(|e| panic!("{name} {mode:?}: {e:#}")));
         }
-        let (p, s) = (&outputs[0], &outputs[1]);
-        assert_eq!((p.channels, p.height, p.width), (s.channels, s.height, s.width), "{name}");
-        let (lo, hi) = s.data.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-        let tol = 1e-5 * (hi - lo).max(1e-12);
-        let worst = p.data.iter().zip(&s.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst <= tol, "{name}: plugin vs standard max|diff| {worst} > {tol}");
+        for (pair, what) in outputs.chunks(2).zip(["plugin vs standard", "fused vs conv"]) {
+            let (p, s) = (&pair[0], &pair[1]);
+            assert_eq!((p.channels, p.height, p.width), (s.channels, s.height, s.width), "{name}");
+            let (lo, hi) = s.data.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            let tol = 1e-5 * (hi - lo).max(1e-12);
+            let worst = p.data.iter().zip(&s.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= tol, "{name}: {what} max|diff| {worst} > {tol}");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! and a Gather + one-hot depthwise Conv in [`EmitMode::Standard`] (standard ops only, exactly the
 //! same function: the depthwise Conv's zero padding is GhostShift's zero fill, its weight the
 //! scale, its bias the bias). [`EmitMode::Fused`] drops the Concat: one GhostShift writes every
-//! channel, intrinsic ones as unshifted copies, in the original order. The Concat lays channels out as intrinsic-then-ghosts, a
+//! channel, intrinsic ones as unshifted copies, in the original order; [`EmitMode::Conv`] does
+//! the same with a one-hot 1x1 Conv (the copies) and the one-hot depthwise Conv. The Concat lays channels out as intrinsic-then-ghosts, a
 //! permutation of the original order; [`channel_order`] carries that permutation through the
 //! rest of the graph, absorbing it where that is exact (Conv/ConvTranspose weights, per-channel
 //! constants, element-wise ops, Concat, Split) and restoring the original order with a Gather
@@ -39,6 +40,12 @@ pub enum EmitMode {
     /// (intrinsic channels as unshifted copies): no Concat, no channel permutation, least memory
     /// traffic. Needs the plugin.
     Fused,
+    /// Standard ONNX Convs only, every channel in the original order: the reduced Conv, a
+    /// one-hot 1x1 Conv that copies each output channel's source, and a one-hot depthwise Conv
+    /// for shift, scale and bias. No Concat, Gather or permutation, so ONNX Runtime's CPU
+    /// provider keeps the whole network in its blocked NCHWc layout and fuses the following
+    /// Relu or residual Add into the depthwise Conv (fastest there; see BENCHMARKS.md).
+    Conv,
 }
 
 /// What the emitter did, for summaries and tests.
@@ -388,8 +395,8 @@ impl<'a> Emitter<'a> {
             scale: g.scale(),
             bias: g.bias(),
         };
-        if self.mode == EmitMode::Fused {
-            // One GhostShift writes the whole output in the original channel order: intrinsic
+        if matches!(self.mode, EmitMode::Fused | EmitMode::Conv) {
+            // The ghost stage writes the whole output in the original channel order: intrinsic
             // channels are unshifted copies, so no Concat and no permutation downstream.
             let by_channel: HashMap<usize, &crate::plan::Ghost> =
                 layer.ghosts.iter().map(|g| (g.channel, g)).collect();
@@ -400,7 +407,11 @@ impl<'a> Emitter<'a> {
                 })
                 .collect();
             let stored = self.set_layout(out, None);
-            self.ghost_shift_node(&intr, &entries, &stored, out);
+            if self.mode == EmitMode::Conv {
+                self.conv_shift(&intr, kept.len(), &entries, &stored, out);
+            } else {
+                self.ghost_shift_node(&intr, &entries, &stored, out);
+            }
             self.report.layers_rewritten += 1;
             return Ok(());
         }
@@ -446,6 +457,38 @@ impl<'a> Emitter<'a> {
         self.nodes.push(n);
     }
 
+    /// The same function as [`Self::ghost_shift_node`] in Convs only: a 1x1 Conv whose one-hot
+    /// rows copy each entry's source out of the `c_in` channels of `input`, then the one-hot
+    /// depthwise Conv of [`Self::depthwise_shift`]. A copy through a one-hot row is exact (the
+    /// other terms are zeros), and unlike a Gather a Conv keeps ONNX Runtime's blocked layout.
+    fn conv_shift(&mut self, input: &str, c_in: usize, entries: &[Shifted], output: &str, base: &str) {
+        let mut onehot = vec![0.0f32; entries.len() * c_in];
+        for (o, e) in entries.iter().enumerate() {
+            onehot[o * c_in + e.source] = 1.0;
+        }
+        let c_out = entries.len() as i64;
+        let wname = self.add_init(
+            &format!("{base}/ghostsr_select_weight"),
+            onnx::f32_tensor("", &[c_out, c_in as i64, 1, 1], &onehot),
+        );
+        let copied = self.fresh(&format!("{base}/ghostsr_sources"));
+        let name = self.fresh(&format!("{base}/ghostsr_select"));
+        self.nodes.push(onnx::node(
+            "Conv",
+            &name,
+            &[input, &wname],
+            &[&copied],
+            vec![
+                onnx::attr_ints_of("kernel_shape", vec![1, 1]),
+                onnx::attr_ints_of("pads", vec![0, 0, 0, 0]),
+                onnx::attr_ints_of("strides", vec![1, 1]),
+                onnx::attr_ints_of("dilations", vec![1, 1]),
+            ],
+        ));
+        self.annotate(&copied, Some(entries.len()));
+        self.depthwise_shift(&copied, entries, output, base);
+    }
+
     /// The same function as [`Self::ghost_shift_node`] in standard ops: Gather the sources, then
     /// a depthwise Conv whose one-hot kernel moves each channel by (dy, dx). With padding m,
     /// `out[h,w] = sum K[i,j] x[h+i-m, w+j-m]`, so the tap at (m-dy, m-dx) reads x[h-dy, w-dx];
@@ -467,6 +510,12 @@ impl<'a> Emitter<'a> {
             vec![onnx::attr_int("axis", 1)],
         ));
         self.annotate(&gathered, Some(entries.len()));
+        self.depthwise_shift(&gathered, entries, output, base);
+    }
+
+    /// Depthwise Conv computing `scale * shift(input[k]) + bias` for entry k, whose source is
+    /// already at channel k of `input`.
+    fn depthwise_shift(&mut self, gathered: &str, entries: &[Shifted], output: &str, base: &str) {
         let m = entries.iter().flat_map(|e| e.shift).map(i64::abs).max().unwrap_or(0);
         let k = (2 * m + 1) as usize;
         let mut kern = vec![0.0f32; entries.len() * k * k];
@@ -479,7 +528,7 @@ impl<'a> Emitter<'a> {
             &format!("{base}/ghostsr_shift_kernel"),
             onnx::f32_tensor("", &[c_g, 1, k as i64, k as i64], &kern),
         );
-        let mut ins = vec![gathered, kname];
+        let mut ins = vec![gathered.to_string(), kname];
         if entries.iter().any(|e| e.bias != 0.0) {
             let b: Vec<f32> = entries.iter().map(|e| e.bias).collect();
             ins.push(self.add_init(&format!("{base}/ghostsr_shift_bias"), onnx::f32_tensor("", &[c_g], &b)));
@@ -644,10 +693,45 @@ mod tests {
                 assert_eq!(w[o * 16 + j], w2[o * 16 + order[j]], "filter {o}, input {j}");
             }
         }
-        // The fused form needs no permutation at all.
-        let (fused, report) = run(&m, EmitMode::Fused);
-        assert!(report.reorders.is_empty() && report.absorbed == 0);
-        assert_eq!(producer(&fused, "z").input[1], "w2");
+        // The fused and conv forms need no permutation at all.
+        for mode in [EmitMode::Fused, EmitMode::Conv] {
+            let (out, report) = run(&m, mode);
+            assert!(report.reorders.is_empty() && report.absorbed == 0, "{mode:?}");
+            assert_eq!(producer(&out, "z").input[1], "w2", "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn conv_form_is_a_one_hot_copy_then_a_one_hot_depthwise_shift() {
+        let (out, report) = run(&model(vec![], vec![], "y1"), EmitMode::Conv);
+        assert_eq!(report.layers_rewritten, 1);
+        let g = out.graph.as_ref().unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Conv", "Conv", "Conv"], "reduced, copy, shift; no Gather or Concat");
+        let weights = |n: &NodeProto| {
+            let t = g.initializer.iter().find(|t| t.name.as_ref() == Some(&n.input[1])).unwrap();
+            (t.dims.clone(), onnx::tensor_f32(t).unwrap())
+        };
+        // Copy: output channel c reads intrinsic position c / 2 (channels 2k and 2k+1 both
+        // come from intrinsic channel 2k, at position k).
+        let (dims, sel) = weights(&g.node[1]);
+        assert_eq!(dims, [16, 8, 1, 1]);
+        for c in 0..16 {
+            for j in 0..8 {
+                assert_eq!(sel[c * 8 + j], if j == c / 2 { 1.0 } else { 0.0 }, "copy row {c}");
+            }
+        }
+        // Shift: intrinsic channels take the centre tap, ghosts (shift [0, 1]) the tap at (1, 0).
+        let shift = producer(&out, "y1");
+        assert_eq!(onnx::attr_i(shift, "group"), Some(16));
+        let (dims, k) = weights(shift);
+        assert_eq!(dims, [16, 1, 3, 3]);
+        for c in 0..16 {
+            let tap = if c % 2 == 0 { 4 } else { 3 };
+            for (t, &v) in k[c * 9..(c + 1) * 9].iter().enumerate() {
+                assert_eq!(v, if t == tap { 1.0 } else { 0.0 }, "channel {c} tap {t}");
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The `bench` verb: time an original model and its ghost version in one process, on the same
 //! input, with interleaved runs after a warm-up, and report median and p10/p90 latencies and
-//! the ghost/original ratio of the medians.
+//! the ghost/original ratio of the medians. With `--cpu-time` it counts the process's CPU time
+//! instead of wall time: on a machine other jobs load, wall times of one model drift by 2x
+//! between runs, while the CPU time of a single-threaded run stays the work done.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -45,6 +47,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Time the process's CPU time instead of wall time: stable when other jobs load the
+    /// machine (their time slices do not count). Needs --threads 1: idle ONNX Runtime worker
+    /// threads spin, and their spinning would count.
+    #[arg(long)]
+    pub cpu_time: bool,
 }
 
 /// Parses `HxW` (or a single number for a square).
@@ -77,6 +84,8 @@ pub struct BenchReport {
     pub ghost: Timing,
     /// ghost median / orig median.
     pub ratio: f64,
+    /// Whether the times are process CPU time (`--cpu-time`) rather than wall time.
+    pub cpu_time: bool,
     pub size: [usize; 2],
     pub threads: usize,
     pub provider: Provider,
@@ -122,17 +131,37 @@ fn input_data(c: usize, h: usize, w: usize) -> Vec<f32> {
     v
 }
 
-fn time_once(model: &mut SrModel, shape: [usize; 4], data: &[f32]) -> Result<f64> {
+/// CPU time used so far by every thread of this process, in milliseconds.
+fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}
+
+fn time_once(model: &mut SrModel, shape: [usize; 4], data: &[f32], cpu_time: bool) -> Result<f64> {
     let input = TensorRef::from_array_view((shape, data)).map_err(ort_err)?;
-    let t0 = Instant::now();
+    let (t0, c0) = (Instant::now(), if cpu_time { process_cpu_ms() } else { 0.0 });
     let out = model.session_mut().run(ort::inputs![input]).map_err(ort_err)?;
     drop(out);
+    if cpu_time {
+        let ms = process_cpu_ms() - c0;
+        ensure!(ms.is_finite(), "the process CPU-time clock is not available");
+        return Ok(ms);
+    }
     Ok(t0.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Benchmarks `orig` against `ghost` (see [`BenchArgs`]).
 pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     ensure!(args.runs > 0, "--runs must be at least 1");
+    ensure!(
+        !args.cpu_time || (args.threads == 1 && args.provider == Provider::Cpu),
+        "--cpu-time needs --threads 1 and the CPU provider (idle worker threads spin, and a GPU's time is not the process's)"
+    );
     let cfg = SessionConfig { threads: args.threads, plugin: args.plugin.clone(), provider: args.provider };
     let mut orig = SrModel::open(&args.orig, &cfg)?;
     let mut ghost = SrModel::open(&args.ghost, &cfg)?;
@@ -150,23 +179,26 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
     let shape = [1, c, h, w];
     let data = input_data(c, h, w);
     for _ in 0..args.warmup {
-        time_once(&mut orig, shape, &data).with_context(|| format!("running {}", args.orig.display()))?;
-        time_once(&mut ghost, shape, &data).with_context(|| format!("running {}", args.ghost.display()))?;
+        time_once(&mut orig, shape, &data, args.cpu_time)
+            .with_context(|| format!("running {}", args.orig.display()))?;
+        time_once(&mut ghost, shape, &data, args.cpu_time)
+            .with_context(|| format!("running {}", args.ghost.display()))?;
     }
     let (mut to, mut tg) = (Vec::new(), Vec::new());
     for i in 0..args.runs {
         // Alternate which model goes first so neither always runs on a warmer cache.
         if i % 2 == 0 {
-            to.push(time_once(&mut orig, shape, &data)?);
-            tg.push(time_once(&mut ghost, shape, &data)?);
+            to.push(time_once(&mut orig, shape, &data, args.cpu_time)?);
+            tg.push(time_once(&mut ghost, shape, &data, args.cpu_time)?);
         } else {
-            tg.push(time_once(&mut ghost, shape, &data)?);
-            to.push(time_once(&mut orig, shape, &data)?);
+            tg.push(time_once(&mut ghost, shape, &data, args.cpu_time)?);
+            to.push(time_once(&mut orig, shape, &data, args.cpu_time)?);
         }
     }
     let (o, g) = (timing(&args.orig, to), timing(&args.ghost, tg));
     Ok(BenchReport {
         ratio: g.median_ms / o.median_ms,
+        cpu_time: args.cpu_time,
         orig: o,
         ghost: g,
         size: [h, w],
@@ -185,8 +217,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "input {}x{}, {:?}, threads {}, {} runs after {} warm-up",
-        r.size[0], r.size[1], r.provider, r.threads, r.runs, r.warmup
+        "input {}x{}, {:?}, threads {}, {} runs after {} warm-up{}",
+        r.size[0],
+        r.size[1],
+        r.provider,
+        r.threads,
+        r.runs,
+        r.warmup,
+        if r.cpu_time { ", process CPU time" } else { "" }
     );
     for (label, t) in [("orig", &r.orig), ("ghost", &r.ghost)] {
         println!(
@@ -229,8 +267,13 @@ mod tests {
             warmup: 1,
             plugin: None,
             json: true,
+            cpu_time: false,
         };
         let r = bench(&args).unwrap();
         assert!(r.ratio > 0.0 && r.orig.p10_ms <= r.orig.p90_ms);
+        let r = bench(&BenchArgs { cpu_time: true, ..args.clone() }).unwrap();
+        assert!(r.cpu_time && r.orig.min_ms >= 0.0 && r.ratio.is_finite());
+        // CPU time with worker threads would count their spinning.
+        assert!(bench(&BenchArgs { cpu_time: true, threads: 2, ..args }).is_err());
     }
 }

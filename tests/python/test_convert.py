@@ -31,7 +31,7 @@ from conftest import (
     session,
 )
 
-EMITS = ["plugin", "standard"]
+EMITS = ["plugin", "standard", "conv"]
 GHOST_DOMAIN = "ai.ghostsr"
 
 
@@ -118,11 +118,12 @@ def test_fsrcnn_has_no_eligible_conv_by_default(name, emit, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a failed convert left files behind"
 
 
+@pytest.mark.parametrize("form", ["standard", "conv"])
 @pytest.mark.parametrize("name", SHARED_MODELS)
-def test_standard_matches_reference(name, convert):
+def test_standard_matches_reference(name, form, convert):
     path = MODELS_DIR / name
-    out, plan = convert(path, "--ratio", "0.5", "--emit", "standard", *convert_args(name))
-    ref = assert_matches_reference(out, path, plan, what=name)
+    out, plan = convert(path, "--ratio", "0.5", "--emit", form, *convert_args(name))
+    ref = assert_matches_reference(out, path, plan, what=f"{name} ({form})")
     # the check is not vacuous: the plan changes the network's output
     orig = original_outputs(path)
     assert any(float(np.abs(r - o).max()) > 1e-3 * float(o.max() - o.min())
@@ -160,6 +161,35 @@ def test_plugin_form_equals_standard_form(name, form, convert):
         assert g.shape == w.shape
         tol = 1e-5 * max(float(w.max() - w.min()), 1e-12)
         assert float(np.abs(g - w).max()) <= tol, f"{name}: max|diff| {np.abs(g - w).max()} > {tol}"
+
+
+@pytest.mark.parametrize("name", SHARED_MODELS)
+def test_conv_form_equals_fused_form(name, convert):
+    """The conv form (Convs only) computes what the fused plugin form computes, in the same
+    channel layout, within 1e-5 of the output range; and it is made of ops ONNX Runtime keeps in
+    its blocked layout: no Gather, no Concat beyond the original model's, no custom op."""
+    assert PLUGIN.is_file(), f"GhostShift plugin not built at {PLUGIN} (cargo build --release)"
+    path = MODELS_DIR / name
+    fused_out, fused_plan = convert(path, "--ratio", "0.5", "--emit", "fused", *convert_args(name))
+    conv_out, conv_plan = convert(path, "--ratio", "0.5", "--emit", "conv", *convert_args(name))
+    assert fused_plan == conv_plan
+    ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
+    original, rewritten = onnx.load(str(path)), check_model_form(conv_out, "conv", conv_plan)
+    for op in ("Gather", "Concat"):
+        assert ops(rewritten).count(op) == ops(original).count(op), op
+    ghosted = sum(1 for layer in conv_plan["layers"] if layer["ghosts"])
+    assert ops(rewritten).count("Conv") == ops(original).count("Conv") + 2 * ghosted
+    feed = feed_for(path)
+    # At every optimisation level: at ORT_ENABLE_ALL the CPU provider runs both in its blocked
+    # layout (what the benchmarks time), with other kernels and summation orders.
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = session(conv_out, level).run(None, feed)
+        want = session(fused_out, level, plugin=True).run(None, feed)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            tol = 1e-5 * max(float(w.max() - w.min()), 1e-12)
+            diff = float(np.abs(g - w).max())
+            assert diff <= tol, f"{name} ({level}): max|diff| {diff} > {tol}"
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -246,16 +276,17 @@ GENERATED = {
 }
 
 
+@pytest.mark.parametrize("form", ["standard", "conv"])
 @pytest.mark.parametrize("scale", ["2", "4"])
 @pytest.mark.parametrize("arch", sorted(GENERATED))
-def test_generated_standard_matches_reference(arch, scale, generate, convert):
+def test_generated_standard_matches_reference(arch, scale, form, generate, convert):
     path = generate(arch, "--scale", scale, "--planted-ghosts", "0.5", *GENERATED[arch])
     original = onnx.load(str(path))
     onnx.checker.check_model(original, full_check=True)
-    out, plan = convert(path, "--ratio", "0.5", "--emit", "standard")
+    out, plan = convert(path, "--ratio", "0.5", "--emit", form)
     check_plan_shape(plan, original, ratio=0.5)
-    check_model_form(out, "standard", plan)
-    ref = assert_matches_reference(out, path, plan, what=f"{arch} x{scale}")
+    check_model_form(out, form, plan)
+    ref = assert_matches_reference(out, path, plan, what=f"{arch} x{scale} ({form})")
     (want,) = original_outputs(path)
     assert ref[0].shape == want.shape == (3, 3, 40 * int(scale), 48 * int(scale))
 
@@ -359,6 +390,11 @@ def test_edited_plan_with_scale_and_bias(name, convert, tmp_path):
     assert_far = reference_outputs(path, plan)
     assert any(float(np.abs(a - b).max()) > 1e-3 * float(b.max() - b.min())
                for a, b in zip(ref, assert_far))
+
+    conv = tmp_path / "edited.conv.onnx"
+    ghostsr("convert", path, "-o", conv, "--emit", "conv", "--plan", plan_file)
+    check_model_form(conv, "conv", edited)
+    assert_matches_reference(conv, path, edited, what=f"{name} edited plan (conv form)")
 
     plugin = tmp_path / "edited.plugin.onnx"
     ghostsr("convert", path, "-o", plugin, "--emit", "plugin", "--plan", plan_file)
