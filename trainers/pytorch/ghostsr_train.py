@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ModelError, PlanError, FloatingPointError) as e:
+    except (UsageError, ModelError, PlanError, FloatingPointError, OSError) as e:
         print(f"ghostsr_train: error: {e}", file=sys.stderr)
         return 1
 
