@@ -2,7 +2,8 @@
 # Runs every test of ghostsr, from a fresh machine: creates .venv with the pinned Python
 # packages (ONNX Runtime 1.31.1, whose libonnxruntime.so the Rust side loads through
 # ORT_DYLIB_PATH; onnx, numpy, pillow and pytest for the cross-checks), builds the release
-# binary and the GhostShift plugin, then runs the Rust tests and the Python cross-checks.
+# binary and the GhostShift plugin, then runs the Rust tests and the Python cross-checks, the
+# CUDA compile check and the reference trainer's tests (PyTorch, in its own .venv-torch).
 #
 #   scripts/test.sh            everything (what CI runs)
 #   SKIP_LINT=1 scripts/test.sh  without rustfmt/clippy
@@ -49,3 +50,15 @@ GHOSTSR_CUDA_HOME=$cuda_home CARGO_TARGET_DIR=$root/target/cuda cargo build --re
 exports=$(nm -D --defined-only "$root/target/cuda/release/libghostsr.so" | awk '$2 == "T" {print $3}')
 [ "$exports" = "RegisterCustomOps" ] || { echo "CUDA plugin exports: $exports"; exit 1; }
 echo "CUDA plugin built: target/cuda/release/libghostsr.so (exports only RegisterCustomOps)"
+
+echo "== reference trainer (trainers/pytorch, PyTorch in its own venv)"
+# A separate venv: torch pulls ~5.4 GB of CUDA wheels, which the main cross-checks do not need.
+# Created once and reused; the install (~75 s on a fast link) runs only when an import fails.
+torch_venv=${GHOSTSR_TORCH_VENV:-$root/.venv-torch}
+if ! "$torch_venv/bin/python" -c "import torch, onnx, onnxruntime, numpy, PIL, pytest" 2>/dev/null; then
+  echo "== setting up $torch_venv (pinned torch and cross-check packages)"
+  python3 -m venv "$torch_venv"
+  "$torch_venv/bin/pip" install -q --disable-pip-version-check -r trainers/pytorch/requirements.txt
+fi
+GHOSTSR_BIN=$root/target/release/ghostsr GHOSTSR_PLUGIN=$root/target/release/libghostsr.so \
+  "$torch_venv/bin/python" -m pytest trainers/pytorch/tests -q
