@@ -35,7 +35,7 @@ use crate::plan::kmeans::{self, PlanOptions};
 use crate::plan::{LayerPlan, Plan};
 use crate::report;
 use crate::runner::metrics::Plane;
-use crate::runner::sr::{Channels, Chw};
+use crate::runner::sr::Chw;
 use crate::weights::WeightSet;
 
 /// The λ values the sensitivity pass tries for each layer (0, the layer left as it is, is the
@@ -372,12 +372,7 @@ impl<'m> Probe<'m> {
     ) -> Result<Self> {
         let proto = &model.proto;
         let input = capture::input_name(proto)?;
-        let channels = match super::input_channels(proto, &input)? {
-            3 => Channels::Rgb,
-            1 => Channels::Y,
-            c => bail!("calibration needs a 1- or 3-channel model input, this one has {c}"),
-        };
-        let c_in = if channels == Channels::Rgb { 3 } else { 1 };
+        let (channels, c_in) = super::data_channels(proto, &input)?;
         let output = model.graph().output.first().and_then(|o| o.name.clone()).context("no graph output")?;
         let mut names: Vec<String> = vec![output.clone()];
         for c in units.iter().flat_map(|u| &u.convs) {

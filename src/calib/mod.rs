@@ -102,6 +102,15 @@ fn input_channels(proto: &ModelProto, input: &str) -> Result<usize> {
     }
 }
 
+/// The colour space of the model's data input and its channel count (RGB or Y models only).
+fn data_channels(proto: &ModelProto, input: &str) -> Result<(Channels, usize)> {
+    match input_channels(proto, input)? {
+        3 => Ok((Channels::Rgb, 3)),
+        1 => Ok((Channels::Y, 1)),
+        c => bail!("calibration needs a 1- or 3-channel model input, this one has {c}"),
+    }
+}
+
 /// Replaces initializers of `proto` by the values in `weights` (same names, same shapes).
 /// Private to calibration and the CLI's convert path (the weights module may offer the same).
 pub fn apply_weights(proto: &ModelProto, weights: &WeightSet) -> Result<ModelProto> {
@@ -157,12 +166,7 @@ pub fn calibrate(
     let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
     let proto = &model.proto;
     let input = capture::input_name(proto)?;
-    let channels = match input_channels(proto, &input)? {
-        3 => Channels::Rgb,
-        1 => Channels::Y,
-        c => bail!("calibration needs a 1- or 3-channel model input, this one has {c}"),
-    };
-    let c_in = if channels == Channels::Rgb { 3 } else { 1 };
+    let (channels, c_in) = data_channels(proto, &input)?;
     let final_out = model.graph().output.first().and_then(|o| o.name.clone()).context("no graph output")?;
 
     // Layers in graph order.
