@@ -196,6 +196,10 @@ pub struct CalibArgs {
     /// Calibration crop size in model-input pixels.
     #[arg(long, value_name = "S", default_value_t = 64, requires = "calib")]
     pub calib_size: usize,
+    /// Calibration: draw N random windows per crop and keep the most detailed (the most energy
+    /// in HR minus bicubic-upscaled LR, i.e. what the network has to add); 1: random crops.
+    #[arg(long, value_name = "N", default_value_t = CalibOptions::default().candidates, requires = "calib")]
+    pub calib_candidates: usize,
     /// Calibration: ghosts are plain shifted copies (no fitted scale and bias).
     #[arg(long, requires = "calib")]
     pub no_affine: bool,
@@ -228,6 +232,7 @@ impl CalibArgs {
         CalibOptions {
             count: self.calib_count,
             size: self.calib_size,
+            candidates: self.calib_candidates,
             affine: !self.no_affine,
             layer_by_layer: !self.no_layer_by_layer,
             data_intrinsic: !self.no_data_intrinsic,

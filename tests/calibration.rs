@@ -49,7 +49,11 @@ fn calibrated_ghosts_track_the_original_far_better_than_kmeans() {
     let analysis = analyze(&index, &Policy::default()).unwrap();
     let popts = PlanOptions { ratio: 0.5, ..Default::default() };
 
-    let held_out = calib::data::crops(&set14, 4, 40, Channels::Rgb, 2, false).unwrap();
+    let held_out = calib::data::crops(
+        &set14,
+        &CalibOptions { count: 4, size: 40, ..Default::default() }.crop_spec(Channels::Rgb, 2, false),
+    )
+    .unwrap();
     let reference = outputs(&m.proto, &held_out);
 
     let kmeans = plan_model(&index, &analysis, &m.sha256, &popts, &|_, _, _| {}).unwrap();
@@ -245,7 +249,7 @@ fn quality_budget_meets_macs_targets_and_psnr_budgets_as_remeasured() {
     let analysis = analyze(&index, &Policy::default()).unwrap();
     let popts = PlanOptions::default();
     let copts = CalibOptions { count: 6, size: 32, threads: 2, samples: 8192, ..Default::default() };
-    let samples = calib::data::samples(&bsd68, copts.count, copts.size, Channels::Rgb, 2, false).unwrap();
+    let samples = calib::data::samples(&bsd68, &copts.crop_spec(Channels::Rgb, 2, false)).unwrap();
     let macs = |p: &ModelProto| {
         let i = GraphIndex::new(p.graph.as_ref().unwrap()).unwrap();
         let a = analyze(&i, &Policy::default()).unwrap();

@@ -384,7 +384,7 @@ impl<'m> Probe<'m> {
         let mut session = capture::open(&capture::with_outputs(proto, &names)?, calib.threads)?;
         let factor = probe_factor(&mut session, &input, c_in, &output)?;
         let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
-        let samples = data::samples(images, calib.count, calib.size, channels, scale, factor == 1)?;
+        let samples = data::samples(images, &calib.crop_spec(channels, scale, factor == 1))?;
         let crops: Vec<Chw> = samples.iter().map(|s| s.lr.clone()).collect();
         let truth: HashMap<String, Maps> =
             names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();

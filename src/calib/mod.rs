@@ -45,6 +45,8 @@ pub struct CalibOptions {
     pub count: usize,
     /// Crop size in model-input pixels.
     pub size: usize,
+    /// Random windows drawn per crop, the most detailed kept ([`data`]; 1: random crops).
+    pub candidates: usize,
     /// Fit a scale and bias per ghost (off: ghost = shifted copy).
     pub affine: bool,
     /// Fit each layer on the partly ghosted network's features (off: on the original's).
@@ -74,6 +76,7 @@ impl Default for CalibOptions {
         Self {
             count: 16,
             size: 64,
+            candidates: 1,
             affine: true,
             layer_by_layer: true,
             data_intrinsic: true,
@@ -83,6 +86,20 @@ impl Default for CalibOptions {
             samples: 32768,
             threads: 0,
             scale: None,
+        }
+    }
+}
+
+impl CalibOptions {
+    /// The crops these options ask for, for a model of the given kind.
+    pub fn crop_spec(&self, channels: Channels, scale: usize, pre_upsampled: bool) -> data::CropSpec {
+        data::CropSpec {
+            count: self.count,
+            size: self.size,
+            candidates: self.candidates,
+            channels,
+            scale,
+            pre_upsampled,
         }
     }
 }
@@ -211,7 +228,7 @@ pub fn calibrate(
     let mut session = capture::open(&capture::with_outputs(proto, &names)?, calib.threads)?;
     let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
-    let crops = data::crops(images, calib.count, calib.size, channels, scale, factor == 1)?;
+    let crops = data::crops(images, &calib.crop_spec(channels, scale, factor == 1))?;
     let truth: HashMap<String, Maps> =
         names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
     drop(session);

@@ -286,6 +286,10 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()
     freeze_weights: bool = False
     log_every: int = 10
+    # Weight of the teacher term: loss = (1 - distill) * L1(out, HR) + distill * L1(out, teacher).
+    distill: float = 0.0
+    # "constant", or "cosine": every group's learning rate decays to 1 % of its start.
+    lr_schedule: str = "constant"
 
 
 def schedule(start: float, end: float, frac: float, geometric: bool = False) -> float:
@@ -295,8 +299,18 @@ def schedule(start: float, end: float, frac: float, geometric: bool = False) -> 
 
 
 def train(net: GraphNet, batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-          cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Adam on L1 loss; returns {'losses': [...], 'seconds': ...}."""
+          cfg: TrainConfig, log: Callable[[str], None] = print,
+          teacher: GraphNet | None = None) -> dict:
+    """Adam on L1 loss; returns {'losses': [...], 'lrs': [weights' lr per iteration], 'seconds': ...}.
+
+    With `teacher` (the original network) and `cfg.distill` > 0 the loss also pulls the output
+    towards the teacher's on the same patch: the ghost network's job is to keep the pretrained
+    function, and the teacher's output is a denser, noise-free target than the HR patch of a
+    small training set."""
+    if cfg.distill and teacher is None:
+        raise UsageError("distillation needs the original network as teacher")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise UsageError(f"unknown learning-rate schedule {cfg.lr_schedule!r} (constant, cosine)")
     unknown = [n for n in cfg.freeze if n not in net.weight_index]
     if unknown:
         raise UsageError(f"--freeze names no float initializer of {net.where}: {unknown}")
@@ -316,16 +330,31 @@ def train(net: GraphNet, batches: Callable[[int], tuple[torch.Tensor, torch.Tens
     if not groups:
         raise UsageError("nothing to train: no ghost layer and every weight frozen")
     opt = torch.optim.Adam(groups)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     plan_shifts = [g.plan_shifts for g in layers]
     net.train()
-    losses, window, t0 = [], [], time.time()
+    losses, lrs, window, t0 = [], [], [], time.time()
     for it in range(cfg.iters):
         frac = it / max(1, cfg.iters - 1)
         for g in layers:
             g.tau = schedule(cfg.tau_start, cfg.tau_end, frac, geometric=True)
             g.noise = schedule(cfg.noise_start, cfg.noise_end, frac)
+        if cfg.lr_schedule == "cosine":
+            f = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac))
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * f
+        lrs.append(opt.param_groups[0]["lr"])
         x, t = batches(cfg.batch)
-        loss = F.l1_loss(net(x), t)
+        out = net(x)
+        loss = F.l1_loss(out, t) if cfg.distill < 1 else out.new_zeros(())
+        if cfg.distill > 0:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = (1 - cfg.distill) * loss + cfg.distill * F.l1_loss(out, target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"iteration {it + 1}: the loss is {loss.item()} "
                                      "(lower --lr / --affine-lr)")
@@ -343,7 +372,7 @@ def train(net: GraphNet, batches: Callable[[int], tuple[torch.Tensor, torch.Tens
                 f"shifts changed {changed}/{total}  {dt / (it + 1):.2f} s/iter")
             window = []
     net.eval()
-    return {"losses": losses, "seconds": time.time() - t0}
+    return {"losses": losses, "lrs": lrs, "seconds": time.time() - t0}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -442,6 +471,11 @@ The model is the ORIGINAL ONNX model (not a ghost model). 3-channel models take 
                     help="keep this initializer fixed (repeatable), e.g. a mean-shift constant")
     ap.add_argument("--freeze-weights", action="store_true",
                     help="train only the ghosts (shifts, scales, biases), no initializer")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="weight in [0, 1] of an L1 term towards the ORIGINAL model's output on "
+                         "the same patch (knowledge distillation; 1: teacher only; default 0)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="learning rates constant, or cosine-decayed to 1%% over --iters")
     ap.add_argument("--seed", type=int, default=0, help="seed: same seed, same result (default 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--log-every", type=int, default=10, help="print progress every N iterations")
@@ -462,6 +496,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if not 0.0 <= args.distill <= 1.0:
+        raise UsageError(f"--distill {args.distill} is outside [0, 1]")
     for flag in ("iters", "batch", "patch"):
         if getattr(args, flag) < (0 if flag == "iters" else 1):
             raise UsageError(f"--{flag} {getattr(args, flag)} is out of range")
@@ -483,8 +519,11 @@ def run(args: argparse.Namespace) -> int:
                           shift_lr=args.shift_lr, tau_start=args.tau[0], tau_end=args.tau[1],
                           noise_start=args.noise[0], noise_end=args.noise[1],
                           freeze=tuple(args.freeze), freeze_weights=args.freeze_weights,
-                          log_every=args.log_every)
-        stats = train(net, sampler.batch, cfg, log=lambda s: print(s, flush=True))
+                          log_every=args.log_every, distill=args.distill,
+                          lr_schedule=args.lr_schedule)
+        teacher = build_net(args.model) if args.distill > 0 else None
+        stats = train(net, sampler.batch, cfg, log=lambda s: print(s, flush=True),
+                      teacher=teacher)
         print(f"trained {args.iters} iterations in {stats['seconds']:.1f} s", flush=True)
     if args.eval:
         print(f"PSNR-Y {Path(args.eval).name} after: {evaluate(net, kind, args.eval):.3f} dB",

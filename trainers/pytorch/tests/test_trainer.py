@@ -294,6 +294,42 @@ def test_gradients_move_a_shift():
         assert float((net(x) - t).abs().max()) < 0.05, "scale/bias did not settle near 1/0"
 
 
+def test_distillation_follows_the_teacher_and_cosine_decays_the_rates():
+    """The HR targets are all zero; the teacher (the original network) outputs [x, x]. The
+    student starts from halved weights: with --distill 1 it must move to the teacher, with 0 to
+    the zeros. The cosine schedule starts at the given rate and ends at 1 % of it."""
+    model = _shift_model()
+    plan = {"format": "ghostsr-plan", "version": 1, "max_shift": 1, "layers": [
+        {"conv_output": "y", "out_channels": 2, "intrinsic": [0],
+         "ghosts": [{"channel": 1, "source": 0, "shift": [0, 0]}]}]}
+    teacher = GraphNet(model, None, "synthetic")
+    gen = torch.Generator().manual_seed(0)
+
+    def batches(n):
+        x = torch.rand(n, 1, 8, 8, generator=gen)
+        return x, torch.zeros(n, 2, 8, 8)
+
+    x, _ = batches(2)
+    with torch.no_grad():
+        want = teacher(x)
+    far = {}
+    for distill in (1.0, 0.0):
+        torch.manual_seed(0)
+        net = GraphNet(model, plan, "synthetic", weights={"w": np.full((2, 1, 1, 1), 0.5, np.float32)})
+        cfg = gt.TrainConfig(iters=150, batch=4, lr=0.02, affine_lr=0.02, noise_start=0.0,
+                             log_every=0, distill=distill, lr_schedule="cosine")
+        stats = gt.train(net, batches, cfg, teacher=teacher)
+        with torch.no_grad():
+            far[distill] = float((net(x) - want).abs().max())
+        lrs = stats["lrs"]
+        assert lrs[0] == pytest.approx(0.02) and lrs[-1] == pytest.approx(0.0002)
+        assert all(a >= b for a, b in zip(lrs, lrs[1:])), "the cosine schedule is not monotone"
+    assert far[1.0] < 0.02, f"distillation did not reach the teacher: {far}"
+    assert far[0.0] > 0.2, f"without distillation the HR target (zeros) should win: {far}"
+    with pytest.raises(gt.UsageError, match="teacher"):
+        gt.train(GraphNet(model, plan, "synthetic"), batches, gt.TrainConfig(iters=1, distill=0.5))
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -342,5 +378,6 @@ def test_help_lists_the_flags(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--plan", "--weights", "--train", "--iters", "--lr", "--patch", "--batch",
-                 "--seed", "--threads", "--out-plan", "--out-weights", "--eval"):
+                 "--seed", "--threads", "--out-plan", "--out-weights", "--eval", "--distill",
+                 "--lr-schedule"):
         assert flag in text
