@@ -3,11 +3,13 @@
 //! model's input format: RGB in [0, 1], or Y / 255 for one-channel models; pre-upsampled
 //! (VDSR-like) models get the bicubic-upscaled image, cropped to `size` x `size` input pixels.
 //!
-//! Each crop is the most *detailed* of a few random windows of its image: the one whose HR
-//! window differs most from the bicubic upscale of its LR window (the energy of the SR residual,
-//! on Y). That residual is the part of the output the network computes; flat sky or blur gives
-//! the least-squares fits almost nothing to learn from, while the benchmark's loss concentrates
-//! on sharp, high-contrast edges (Set5's bird and butterfly lose the most dB to ghosting).
+//! A crop is a random window of its image, or, with `candidates` > 1, the most *detailed* of
+//! that many random windows: the one whose HR window differs most from the bicubic upscale of
+//! its LR window (the energy of the SR residual, on Y), the part of the output the network
+//! computes. The idea: flat sky or blur gives the least-squares fits little to learn from, and
+//! ghosting loses most on sharp, high-contrast edges (Set5's bird and butterfly). Measured on
+//! IMDN x2 it moves Set5 by about ±0.1 dB either way, the spread a different set of random crops
+//! gives, so the default stays 1 (BENCHMARKS.md, "What limits IMDN at λ = 0.25").
 
 use std::path::Path;
 
