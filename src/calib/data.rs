@@ -124,20 +124,17 @@ pub fn samples(dir: &Path, spec: &CropSpec) -> Result<Vec<Sample>> {
             let up = if pre_upsampled { lr.clone() } else { imresize(&lr, scale as f64) };
             let table = residual_table(&hr, &up);
             let score = |&(y, x): &(usize, usize)| window_sum(&table, hr.width, y * f, x * f, size * f);
-            let windows: Vec<(usize, usize)> = (0..candidates).map(|_| draw()).collect();
-            // The first of equal scores (deterministic, and a flat image keeps the first draw).
-            windows
-                .iter()
-                .copied()
-                .fold(None, |best: Option<((usize, usize), f64)>, wdw| {
-                    let s = score(&wdw);
-                    match best {
-                        Some((_, b)) if b >= s => best,
-                        _ => Some((wdw, s)),
-                    }
-                })
-                .map(|(wdw, _)| wdw)
-                .expect("candidates >= 2")
+            // Ties keep the earlier draw (deterministic; a flat image keeps the first window).
+            let mut best = draw();
+            let mut best_score = score(&best);
+            for _ in 1..candidates {
+                let wdw = draw();
+                let s = score(&wdw);
+                if s > best_score {
+                    (best, best_score) = (wdw, s);
+                }
+            }
+            best
         };
         let c = crop(&lr, y0, x0, size);
         let lr = match channels {
