@@ -1,0 +1,181 @@
+//! Flag groups that several verbs share: which Convs are candidates ([`PolicyArgs`]), how the
+//! planner chooses ghosts ([`PlanningArgs`]), calibration ([`CalibArgs`]) and the quality budget
+//! ([`BudgetArgs`]), each with its conversion into the library's option type.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::calib::CalibOptions;
+use crate::calib::budget::Budget;
+use crate::graph::analysis::Policy;
+use crate::plan::kmeans::PlanOptions;
+
+/// Which Convs are candidates.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Also ghost 1x1 Convs (by default only 3x3 Convs are).
+    #[arg(long)]
+    pub allow_1x1: bool,
+    /// Fewest filters a Conv needs to be ghosted by default.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub min_channels: usize,
+    /// Ghost this Conv (node name or output tensor name) even if the default policy keeps it
+    /// (first/last Conv, upsampler input, kernel size, channel count). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub include: Vec<String>,
+    /// Never ghost this Conv (node name or output tensor name). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub exclude: Vec<String>,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            allow_1x1: self.allow_1x1,
+            min_channels: self.min_channels,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+        }
+    }
+}
+
+/// How the planner chooses ghosts.
+#[derive(Args, Debug, Clone)]
+pub struct PlanningArgs {
+    /// Fraction λ of each layer's filters that become ghosts (0 keeps every filter).
+    #[arg(long, value_name = "λ", value_parser = parse_ratio)]
+    pub ratio: Option<f64>,
+    /// Seed for k-means (plans are deterministic for a given seed).
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Largest shift in pixels, per axis, a ghost may use.
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i64).range(0..=8))]
+    pub max_shift: Option<i64>,
+    /// Lloyd iterations of k-means per layer, after a k-means++ start (default 5; more costs
+    /// conversion time and changes little).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub kmeans_iterations: Option<u64>,
+}
+
+impl PlanningArgs {
+    pub fn options(&self) -> PlanOptions {
+        let d = PlanOptions::default();
+        PlanOptions {
+            ratio: self.ratio.unwrap_or(d.ratio),
+            seed: self.seed.unwrap_or(d.seed),
+            max_shift: self.max_shift.unwrap_or(d.max_shift),
+            max_iterations: self.kmeans_iterations.unwrap_or(d.max_iterations),
+            ..d
+        }
+    }
+
+    pub fn any_set(&self) -> bool {
+        self.ratio.is_some()
+            || self.seed.is_some()
+            || self.max_shift.is_some()
+            || self.kmeans_iterations.is_some()
+    }
+}
+
+/// Calibration: choose ghosts from data (needs ORT_DYLIB_PATH).
+#[derive(Args, Debug, Clone)]
+pub struct CalibArgs {
+    /// Calibrate on crops of the HR images in DIR: run the original model (ONNX Runtime, CPU)
+    /// and, Conv by Conv on the partly ghosted network, choose intrinsic channels, sources,
+    /// shifts and affine terms by least error against the original's feature maps, then refit
+    /// the kept filters (ridge least squares). Without it, ghosts come from k-means on filters.
+    #[arg(long, value_name = "DIR")]
+    pub calib: Option<PathBuf>,
+    /// Number of calibration crops.
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "calib")]
+    pub calib_count: usize,
+    /// Calibration crop size in model-input pixels.
+    #[arg(long, value_name = "S", default_value_t = 64, requires = "calib")]
+    pub calib_size: usize,
+    /// Calibration: draw N random windows per crop and keep the most detailed (the most energy
+    /// in HR minus bicubic-upscaled LR, i.e. what the network has to add); 1: random crops.
+    #[arg(long, value_name = "N", default_value_t = CalibOptions::default().candidates, requires = "calib")]
+    pub calib_candidates: usize,
+    /// Calibration: ghosts are plain shifted copies (no fitted scale and bias).
+    #[arg(long, requires = "calib")]
+    pub no_affine: bool,
+    /// Calibration: fit every layer on the original network's features instead of the partly
+    /// ghosted network's.
+    #[arg(long, requires = "calib")]
+    pub no_layer_by_layer: bool,
+    /// Calibration: keep k-means's intrinsic channels instead of choosing them from the data.
+    #[arg(long, requires = "calib")]
+    pub no_data_intrinsic: bool,
+    /// Calibration: do not refit the kept filters.
+    #[arg(long, requires = "calib")]
+    pub no_refit: bool,
+    /// Calibration: refit only the ghosted Convs' kept filters, not the 1x1 Convs that stay.
+    #[arg(long, requires = "calib")]
+    pub no_refit_others: bool,
+    /// Calibration: relative ridge strength of the refit.
+    #[arg(long, value_name = "R", default_value_t = 3e-2, requires = "calib")]
+    pub calib_ridge: f32,
+    /// Calibration: input patches sampled per layer for the refit.
+    #[arg(long, value_name = "N", default_value_t = 32768, requires = "calib")]
+    pub calib_samples: usize,
+    /// Calibration: ONNX Runtime threads (0: one per physical core).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "calib")]
+    pub calib_threads: usize,
+}
+
+impl CalibArgs {
+    pub fn options(&self) -> CalibOptions {
+        CalibOptions {
+            count: self.calib_count,
+            size: self.calib_size,
+            candidates: self.calib_candidates,
+            affine: !self.no_affine,
+            layer_by_layer: !self.no_layer_by_layer,
+            data_intrinsic: !self.no_data_intrinsic,
+            refit: !self.no_refit,
+            refit_others: !self.no_refit_others,
+            ridge: self.calib_ridge,
+            threads: self.calib_threads,
+            samples: self.calib_samples,
+            ..CalibOptions::default()
+        }
+    }
+}
+
+/// Quality budget: λ chosen per layer (needs --calib).
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Choose λ per layer so that PSNR-Y on the calibration crops drops at most D dB against
+    /// the original model, ghosting as much as that allows: a sensitivity pass ghosts each layer
+    /// alone at λ = 0.25, 0.5 and 0.75, then a few layer-by-layer calibrations bracket the
+    /// budget. Prints each layer's choice. Needs --calib; replaces --ratio.
+    #[arg(long, value_name = "D", requires = "calib", conflicts_with_all = ["ratio", "target_macs"],
+          value_parser = parse_positive)]
+    pub max_psnr_drop: Option<f64>,
+    /// Choose λ per layer so that the Conv multiply-adds are at most F times the original's, at
+    /// the least quality loss the sensitivity pass predicts. Needs --calib; replaces --ratio.
+    #[arg(long, value_name = "F", requires = "calib", conflicts_with = "ratio", value_parser = parse_fraction)]
+    pub target_macs: Option<f64>,
+}
+
+impl BudgetArgs {
+    pub fn budget(&self) -> Option<Budget> {
+        self.max_psnr_drop.map(Budget::MaxPsnrDrop).or(self.target_macs.map(Budget::TargetMacs))
+    }
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v.is_finite() { Ok(v) } else { Err(format!("{v} is not a positive number")) }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err(format!("{v} is outside (0, 1)")) }
+}
+
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [0, 1)")) }
+}

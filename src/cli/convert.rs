@@ -1,0 +1,234 @@
+//! `ghostsr convert`: rewrite a model into its ghost form, from a plan file or planning on the
+//! fly, apply fine-tuned weights, and print what changed.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
+use super::plan::make_plan;
+use crate::calib;
+use crate::calib::budget::BudgetReport;
+use crate::emit::{self, EmitMode};
+use crate::graph::GraphIndex;
+use crate::graph::analysis::{self, Policy};
+use crate::model::{self, WriteOptions};
+use crate::plan::Plan;
+use crate::report::{self, thousands};
+use crate::weights::WeightSet;
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The original ONNX model.
+    pub model: PathBuf,
+    /// Where to write the ghost model.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Apply this plan instead of planning (see `ghostsr plan`).
+    #[arg(long, value_name = "PLAN")]
+    pub plan: Option<PathBuf>,
+    /// Replace initializers of the model with these (fine-tuned) values before analysing,
+    /// planning and rewriting: a safetensors file keyed by the original initializer names, in
+    /// the original shapes (see `plan --export-weights`). Every name, shape and value is checked.
+    #[arg(long, value_name = "PATH")]
+    pub weights: Option<PathBuf>,
+    /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
+    /// Runtime); `standard` and `conv` use standard ONNX ops only (`conv`: Convs only, fastest
+    /// on ONNX Runtime's CPU provider).
+    #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
+    pub emit: EmitMode,
+    /// Also write the plan that was applied to this path.
+    #[arg(long, value_name = "PLAN")]
+    pub save_plan: Option<PathBuf>,
+    /// Replace output files that exist.
+    #[arg(long)]
+    pub force: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub planning: PlanningArgs,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// The numbers `convert` prints.
+#[derive(serde::Serialize)]
+struct ConvertSummary {
+    input: String,
+    output: String,
+    emit: EmitMode,
+    convs_ghosted: usize,
+    convs_total: usize,
+    params_before: u64,
+    params_after: u64,
+    macs_per_pixel_before: f64,
+    macs_per_pixel_after: f64,
+    reorders: Vec<(String, String)>,
+    absorbed: usize,
+    seconds: Timings,
+    /// With --max-psnr-drop or --target-macs: each layer's λ and the measured result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    budget: Option<BudgetReport>,
+}
+
+#[derive(serde::Serialize, Default)]
+struct Timings {
+    load: f64,
+    analyse: f64,
+    plan: f64,
+    emit: f64,
+    save: f64,
+    total: f64,
+}
+
+pub fn run(a: &ConvertArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut t = Timings::default();
+    if a.plan.is_some() && a.calib.calib.is_some() {
+        bail!("--plan applies a plan file as it is; --calib only applies when ghostsr plans");
+    }
+    if a.plan.is_some() && a.planning.any_set() {
+        bail!(
+            "--plan applies a plan file as it is; --ratio, --seed, --max-shift and --kmeans-iterations only apply when ghostsr plans"
+        );
+    }
+    let mut protect: Vec<&Path> = vec![a.model.as_path()];
+    if let Some(p) = &a.plan {
+        protect.push(p.as_path());
+    }
+    if let Some(w) = &a.weights {
+        protect.push(w.as_path());
+    }
+    let opts = WriteOptions { protect: &protect, force: a.force };
+    model::check_output_path(&a.output, opts)?;
+    if let Some(p) = &a.save_plan {
+        model::check_output_path(p, opts)?;
+        if p == &a.output {
+            bail!("--save-plan and -o name the same file");
+        }
+    }
+    let mut lap = Instant::now();
+    let mut tick = |slot: &mut f64| {
+        *slot = lap.elapsed().as_secs_f64();
+        lap = Instant::now();
+    };
+    let mut m = model::load(&a.model)?;
+    if let Some(w) = &a.weights {
+        apply_weights(&mut m, w)?;
+    }
+    tick(&mut t.load);
+    let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
+    let analysis = analysis::analyze(&index, &a.policy.policy())?;
+    tick(&mut t.analyse);
+    let (plan, weights, budget) = match &a.plan {
+        Some(p) => {
+            let plan = Plan::read(p)?;
+            plan.validate(&analysis)
+                .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
+            (plan, None, None)
+        }
+        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?,
+    };
+    tick(&mut t.plan);
+    // Refit weights from calibration replace the original initializers before the rewrite.
+    let source = match &weights {
+        Some(w) if !w.tensors.is_empty() => std::borrow::Cow::Owned(calib::apply_weights(&m.proto, w)?),
+        _ => std::borrow::Cow::Borrowed(&m.proto),
+    };
+    let (out, emitted) = emit::emit(&source, &analysis, &plan, a.emit)
+        .with_context(|| format!("rewriting {}", a.model.display()))?;
+    tick(&mut t.emit);
+    let bytes = model::encode(&out);
+    model::write_atomic(&a.output, &bytes, opts)?;
+    if let Some(p) = &a.save_plan {
+        model::write_atomic(p, plan.to_json().as_bytes(), opts)?;
+    }
+    tick(&mut t.save);
+    t.total = t0.elapsed().as_secs_f64();
+
+    let before = report::inspect("", &m.proto, &index, &analysis);
+    let out_index = GraphIndex::new(out.graph.as_ref().context("no graph")?)?;
+    let out_analysis = analysis::analyze(&out_index, &Policy::default())?;
+    let after = report::inspect("", &out, &out_index, &out_analysis);
+    let summary = ConvertSummary {
+        input: a.model.display().to_string(),
+        output: a.output.display().to_string(),
+        emit: a.emit,
+        convs_ghosted: emitted.layers_rewritten,
+        convs_total: analysis.convs.len(),
+        params_before: before.params,
+        params_after: after.params,
+        macs_per_pixel_before: before.macs_per_pixel,
+        macs_per_pixel_after: after.macs_per_pixel,
+        reorders: emitted.reorders,
+        absorbed: emitted.absorbed,
+        seconds: t,
+        budget,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+/// Reads, validates and applies a weights file to the loaded model (before anything reads it).
+fn apply_weights(m: &mut model::Model, path: &Path) -> Result<()> {
+    let (set, meta) = WeightSet::read_with_metadata(path)?;
+    if let Some(sha) = meta.get("model_sha256").filter(|s| !s.is_empty() && **s != m.sha256) {
+        eprintln!(
+            "ghostsr: warning: {} was exported from a model with sha256 {sha}, not {} ({}); applying it by tensor names",
+            path.display(),
+            m.path.display(),
+            m.sha256
+        );
+    }
+    let n = set
+        .apply(&mut m.proto)
+        .with_context(|| format!("weights file {} does not fit {}", path.display(), m.path.display()))?;
+    eprintln!("ghostsr: applied {n} tensors from {}", path.display());
+    Ok(())
+}
+
+fn print_summary(s: &ConvertSummary) {
+    let ratio = |a: f64, b: f64| if a > 0.0 { b / a } else { 1.0 };
+    println!("ghostsr: {} -> {} ({:?} form)", s.input, s.output, s.emit);
+    println!("  Convs ghosted:  {} of {}", s.convs_ghosted, s.convs_total);
+    println!(
+        "  params:         {} -> {} ({:.2}x)",
+        thousands(s.params_before),
+        thousands(s.params_after),
+        ratio(s.params_before as f64, s.params_after as f64)
+    );
+    println!(
+        "  MACs/pixel:     {} -> {} ({:.2}x)",
+        thousands(s.macs_per_pixel_before.round() as u64),
+        thousands(s.macs_per_pixel_after.round() as u64),
+        ratio(s.macs_per_pixel_before, s.macs_per_pixel_after)
+    );
+    let mut why: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (_, reason) in &s.reorders {
+        *why.entry(reason.as_str()).or_default() += 1;
+    }
+    println!(
+        "  channel order:  absorbed into {} consumers, {} Gather(s) inserted",
+        s.absorbed,
+        s.reorders.len()
+    );
+    for (reason, n) in why {
+        println!("                  {n} x {reason}");
+    }
+    let t = &s.seconds;
+    println!(
+        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2})",
+        t.total, t.load, t.analyse, t.plan, t.emit, t.save
+    );
+}
