@@ -120,7 +120,7 @@ fn input_channels(proto: &ModelProto, input: &str) -> Result<usize> {
 }
 
 /// The colour space of the model's data input and its channel count (RGB or Y models only).
-fn data_channels(proto: &ModelProto, input: &str) -> Result<(Channels, usize)> {
+pub(crate) fn data_channels(proto: &ModelProto, input: &str) -> Result<(Channels, usize)> {
     match input_channels(proto, input)? {
         3 => Ok((Channels::Rgb, 3)),
         1 => Ok((Channels::Y, 1)),
@@ -158,7 +158,12 @@ fn conv_geom(index: &GraphIndex<'_>, conv: &ConvInfo) -> Option<ConvGeom> {
 }
 
 /// The model's factor: output size / input size on a 16 x 16 probe.
-fn probe_factor(session: &mut ort::session::Session, input: &str, c: usize, out: &str) -> Result<usize> {
+pub(crate) fn probe_factor(
+    session: &mut ort::session::Session,
+    input: &str,
+    c: usize,
+    out: &str,
+) -> Result<usize> {
     let probe = Chw { channels: c, height: 16, width: 16, data: vec![0.5; c * 256] };
     let y = capture::run(session, input, std::slice::from_ref(&probe), &[out.to_string()])?;
     if y[0].h % 16 != 0 || y[0].h == 0 {

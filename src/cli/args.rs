@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::calib::CalibOptions;
 use crate::calib::budget::Budget;
+use crate::emit::qdq::RangeRule;
 use crate::graph::analysis::Policy;
 use crate::plan::kmeans::PlanOptions;
 
@@ -178,4 +179,18 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 pub fn parse_ratio(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if (0.0..1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is outside [0, 1)")) }
+}
+
+/// int8 output (ONNX Runtime CPU provider).
+#[derive(Args, Debug, Clone)]
+pub struct Int8Args {
+    /// Write a statically quantized int8 model (QDQ: uint8 activations, int8 per-channel
+    /// weights, int32 biases), activation ranges from the calibration crops (needs --calib).
+    /// Ghost stages use the Convs-only form (`--emit standard` is also accepted; the GhostShift
+    /// forms are not: the op has no int8 kernel). `--ratio 0` quantizes the original network.
+    #[arg(long, requires = "calib")]
+    pub int8: bool,
+    /// How --int8 picks each activation's range from its calibration values.
+    #[arg(long, value_enum, default_value_t = RangeRule::Mse, value_name = "RULE")]
+    pub int8_ranges: RangeRule,
 }

@@ -7,10 +7,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
+use super::args::{BudgetArgs, CalibArgs, Int8Args, PlanningArgs, PolicyArgs};
 use super::plan::make_plan;
 use crate::calib;
 use crate::calib::budget::BudgetReport;
+use crate::emit::qdq::{self, QuantReport, Target};
 use crate::emit::{self, EmitMode};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{self, Policy};
@@ -39,6 +40,12 @@ pub struct ConvertArgs {
     /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
+    /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit conv --int8` (fastest
+    /// on ONNX Runtime's CPU provider; needs --calib).
+    #[arg(long, value_enum, conflicts_with = "emit")]
+    pub target: Option<Target>,
+    #[command(flatten)]
+    pub int8: Int8Args,
     /// Also write the plan that was applied to this path.
     #[arg(long, value_name = "PLAN")]
     pub save_plan: Option<PathBuf>,
@@ -76,6 +83,9 @@ struct ConvertSummary {
     /// With --max-psnr-drop or --target-macs: each layer's λ and the measured result.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<BudgetReport>,
+    /// With --int8 or --target cpu-int8: what was quantized.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    int8: Option<QuantReport>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -142,10 +152,19 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         Some(w) if !w.tensors.is_empty() => std::borrow::Cow::Owned(calib::apply_weights(&m.proto, w)?),
         _ => std::borrow::Cow::Borrowed(&m.proto),
     };
-    let (out, emitted) = emit::emit(&source, &analysis, &plan, a.emit)
+    let (mode, int8) = qdq::resolve(a.target, a.int8.int8, a.emit)?;
+    let (out, emitted) = emit::emit(&source, &analysis, &plan, mode)
         .with_context(|| format!("rewriting {}", a.model.display()))?;
+    let quantized = match (int8, &a.calib.calib) {
+        (false, _) => None,
+        (true, None) => bail!("int8 needs calibration crops: add --calib DIR"),
+        (true, Some(dir)) => Some(
+            qdq::quantize_calibrated(&out, dir, &a.calib.options(), a.int8.int8_ranges)
+                .with_context(|| format!("quantizing the rewrite of {}", a.model.display()))?,
+        ),
+    };
     tick(&mut t.emit);
-    let bytes = model::encode(&out);
+    let bytes = model::encode(quantized.as_ref().map_or(&out, |(q, _)| q));
     model::write_atomic(&a.output, &bytes, opts)?;
     if let Some(p) = &a.save_plan {
         model::write_atomic(p, plan.to_json().as_bytes(), opts)?;
@@ -160,7 +179,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let summary = ConvertSummary {
         input: a.model.display().to_string(),
         output: a.output.display().to_string(),
-        emit: a.emit,
+        emit: mode,
         convs_ghosted: emitted.layers_rewritten,
         convs_total: analysis.convs.len(),
         params_before: before.params,
@@ -171,6 +190,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         absorbed: emitted.absorbed,
         seconds: t,
         budget,
+        int8: quantized.map(|(_, r)| r),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -225,6 +245,15 @@ fn print_summary(s: &ConvertSummary) {
     );
     for (reason, n) in why {
         println!("                  {n} x {reason}");
+    }
+    if let Some(q) = &s.int8 {
+        println!(
+            "  int8:           {} activations quantized ({:?} ranges), {} Convs with int8 weights, {} Relus folded",
+            q.activations,
+            q.rule.unwrap_or(qdq::RangeRule::Mse),
+            q.convs,
+            q.relus_folded
+        );
     }
     let t = &s.seconds;
     println!(
