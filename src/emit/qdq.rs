@@ -67,6 +67,7 @@ pub fn resolve(target: Option<Target>, int8: bool, emit: EmitMode) -> Result<(Em
 
 /// Ops whose float inputs and outputs are quantized: those ONNX Runtime's CPU provider runs on
 /// uint8 data when a DequantizeLinear feeds them and a QuantizeLinear follows.
+/// [`MOVES_DATA`] ops among them only move values and keep their input's parameters.
 const INT8_OPS: &[&str] = &[
     "Conv",
     "Add",
@@ -75,10 +76,20 @@ const INT8_OPS: &[&str] = &[
     "LeakyRelu",
     "Sigmoid",
     "GlobalAveragePool",
+    "AveragePool",
     "Split",
     "MaxPool",
-    "AveragePool",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Transpose",
+    "Reshape",
+    "Gather",
 ];
+
+/// Ops that only move values (ONNX Runtime drops their DequantizeLinear/QuantizeLinear pair
+/// when both sides share parameters).
+const MOVES_DATA: &[&str] =
+    &["Split", "MaxPool", "DepthToSpace", "SpaceToDepth", "Transpose", "Reshape", "Gather"];
 
 /// Fraction of each tail that the percentile rule clips.
 const PERCENTILE_TAIL: f64 = 1e-5;
@@ -184,6 +195,10 @@ pub struct QdqLayout {
     pub tensors: Vec<(String, String)>,
     /// Relu nodes (by output) folded into the Conv before them: Relu output -> Conv output.
     pub folded: HashMap<String, String>,
+    /// Outputs that take their input's parameters: data movement (Split, MaxPool), which ONNX
+    /// Runtime then runs on the uint8 data without requantizing, and Convs that only copy
+    /// channels (the ghost stage's one-hot 1x1 Conv), whose copies are then exact.
+    pub same_as: HashMap<String, String>,
 }
 
 impl QdqLayout {
@@ -224,13 +239,10 @@ pub fn layout(proto: &ModelProto) -> Result<QdqLayout> {
             consumers.entry(i.as_str()).or_default().push(n);
         }
     }
-    let activation = |t: &str| {
-        !t.is_empty()
-            && !ints.contains(t)
-            && !inits.contains(t)
-            && !constants.contains(t)
-            && !outputs.contains(t)
-    };
+    let activation =
+        |t: &str| !t.is_empty() && !ints.contains(t) && !inits.contains(t) && !constants.contains(t);
+    let inits_by_name: HashMap<&str, &TensorProto> =
+        g.initializer.iter().map(|t| (onnx::tensor_name(t), t)).collect();
     let mut out = QdqLayout::default();
     let mut seen = HashSet::new();
     for n in &g.node {
@@ -239,6 +251,7 @@ pub fn layout(proto: &ModelProto) -> Result<QdqLayout> {
             && let Some([relu]) = consumers.get(y.as_str()).map(Vec::as_slice)
             && relu.op_type() == "Relu"
             && activation(y)
+            && !outputs.contains(y.as_str())
             && relu.output.first().is_some_and(|r| activation(r))
         {
             out.folded.insert(relu.output[0].clone(), y.clone());
@@ -249,10 +262,19 @@ pub fn layout(proto: &ModelProto) -> Result<QdqLayout> {
         .iter()
         .filter(|n| INT8_OPS.contains(&n.op_type()) && n.domain.as_deref().unwrap_or("").is_empty())
     {
+        let moves = match n.op_type() {
+            "Conv" => is_channel_copy(n, &inits_by_name),
+            op => MOVES_DATA.contains(&op),
+        };
+        if moves && let Some(x) = n.input.first().filter(|x| activation(x)) {
+            for o in n.output.iter().filter(|o| activation(o) && !out.folded.values().any(|c| c == *o)) {
+                out.same_as.insert(o.clone(), x.clone());
+            }
+        }
         let data_inputs = match n.op_type() {
             // Weights and biases are quantized per channel, not as activations.
             "Conv" => &n.input[..1.min(n.input.len())],
-            "Split" => &n.input[..1.min(n.input.len())],
+            op if MOVES_DATA.contains(&op) => &n.input[..1.min(n.input.len())],
             _ => &n.input[..],
         };
         for t in data_inputs.iter().chain(n.output.iter()) {
@@ -269,6 +291,22 @@ pub fn layout(proto: &ModelProto) -> Result<QdqLayout> {
         }
     }
     Ok(out)
+}
+
+/// A Conv whose every output is a copy of one input channel: 1x1, one group, no bias, each
+/// filter a single 1.
+fn is_channel_copy(n: &NodeProto, inits: &HashMap<&str, &TensorProto>) -> bool {
+    let Some(w) = n.input.get(1).and_then(|w| inits.get(w.as_str())) else { return false };
+    let no_bias = n.input.get(2).is_none_or(|b| b.is_empty());
+    let one_group = onnx::attr_i(n, "group").unwrap_or(1) == 1;
+    let Ok(v) = onnx::tensor_f32(w) else { return false };
+    let Some(&c_out) = w.dims.first() else { return false };
+    if !(no_bias && one_group && w.dims.len() == 4 && w.dims[2] == 1 && w.dims[3] == 1 && c_out > 0) {
+        return false;
+    }
+    let c_in = v.len() / c_out as usize;
+    v.chunks(c_in.max(1))
+        .all(|f| f.iter().filter(|&&x| x == 1.0).count() == 1 && f.iter().all(|&x| x == 0.0 || x == 1.0))
 }
 
 /// Tensors that hold integers (shape arithmetic): never quantized.
@@ -351,6 +389,7 @@ pub fn quantize(
     names.extend(g.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
     names.extend(g.input.iter().filter_map(|v| v.name.clone()));
     names.extend(g.node.iter().filter_map(|n| n.name.clone()));
+    let graph_outputs: HashSet<&str> = g.output.iter().filter_map(|o| o.name.as_deref()).collect();
     let mut wr = Writer { names, nodes: vec![], inits: vec![] };
     let mut report = QuantReport { relus_folded: lay.folded.len(), ..Default::default() };
     // Quantized tensor -> (what consumers read, its parameters).
@@ -449,13 +488,23 @@ pub fn quantize(
             }
             report.convs += 1;
         }
-        let outs = node.output.clone();
+        // A quantized graph output keeps its name on the DequantizeLinear; the node writes a
+        // fresh one (ONNX Runtime fuses a Conv only when its output feeds the QuantizeLinear
+        // alone).
+        let mut outs = vec![];
+        for o in node.output.iter_mut() {
+            let original = o.clone();
+            if pending.contains_key(o.as_str()) && graph_outputs.contains(o.as_str()) {
+                *o = wr.fresh(format!("{o}/float"));
+            }
+            outs.push((original, o.clone()));
+        }
         wr.nodes.push(node);
-        for o in &outs {
+        for (o, written) in &outs {
             let Some(&range_of) = pending.get(o.as_str()) else { continue };
             // A folded Relu: the dequantized Conv output takes the Relu output's name.
-            let read_as = (range_of != o).then_some(range_of);
-            let (read, p) = wr.qdq_pair(o, read_as, param(o)?);
+            let read_as = if range_of != o { Some(range_of) } else { (written != o).then_some(o.as_str()) };
+            let (read, p) = wr.qdq_pair(written, read_as, param(o)?);
             if let Some(r) = read_as {
                 dq.insert(r.to_string(), (read.clone(), p));
             }
@@ -537,16 +586,19 @@ pub fn quantize_calibrated(
     }
     let crops = calibration_crops(proto, images, calib)?;
     let obs = observe(proto, &crops, &lay.observed(), calib.threads)?;
-    let params: HashMap<String, QParams> = lay
-        .tensors
-        .iter()
-        .map(|(t, r)| {
-            let (lo, hi) = choose_range(&obs[r], rule);
-            // A folded Relu clamps at zero: the range starts there.
-            let lo = if lay.folded.contains_key(r) { 0.0 } else { lo };
-            (t.clone(), QParams::from_range(lo, hi))
-        })
-        .collect();
+    let mut params: HashMap<String, QParams> = HashMap::new();
+    for (t, r) in &lay.tensors {
+        let p = match lay.same_as.get(t).and_then(|x| params.get(x)) {
+            Some(p) => *p,
+            None => {
+                let (lo, hi) = choose_range(&obs[r], rule);
+                // A folded Relu clamps at zero: the range starts there.
+                let lo = if lay.folded.contains_key(r) { 0.0 } else { lo };
+                QParams::from_range(lo, hi)
+            }
+        };
+        params.insert(t.clone(), p);
+    }
     let (out, mut report) = quantize(proto, &lay, &params)?;
     report.rule = Some(rule);
     Ok((out, report))
@@ -607,8 +659,8 @@ mod tests {
     fn layout_quantizes_activations_and_folds_the_relu() {
         let lay = layout(&model()).unwrap();
         let t: Vec<(&str, &str)> = lay.tensors.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        // x (Conv and Add input), a (range of the folded Relu's output), b; y is a graph output.
-        assert_eq!(t, [("x", "x"), ("a", "ar"), ("b", "b")]);
+        // x (Conv and Add input), a (range of the folded Relu's output), b, and the graph output.
+        assert_eq!(t, [("x", "x"), ("a", "ar"), ("b", "b"), ("y", "y")]);
         assert_eq!(lay.folded.get("ar").map(String::as_str), Some("a"));
     }
 
@@ -620,15 +672,16 @@ mod tests {
             ("x".to_string(), QParams::from_range(0.0, 1.0)),
             ("a".to_string(), QParams::from_range(0.0, 2.0)),
             ("b".to_string(), QParams::from_range(-3.0, 3.0)),
+            ("y".to_string(), QParams::from_range(-4.0, 4.0)),
         ]
         .into();
         let (q, report) = quantize(&m, &lay, &params).unwrap();
-        assert_eq!((report.activations, report.convs, report.relus_folded), (3, 2, 1));
+        assert_eq!((report.activations, report.convs, report.relus_folded), (4, 2, 1));
         let g = q.graph.as_ref().unwrap();
         assert!(!g.node.iter().any(|n| n.op_type() == "Relu"), "the Relu is folded");
         let count = |op: &str| g.node.iter().filter(|n| n.op_type() == op).count();
-        assert_eq!(count("QuantizeLinear"), 3);
-        assert_eq!(count("DequantizeLinear"), 3 + 2 + 1, "activations, weights, the bias");
+        assert_eq!(count("QuantizeLinear"), 4);
+        assert_eq!(count("DequantizeLinear"), 4 + 2 + 1, "activations, weights, the bias");
         // The folded Relu's output is the dequantized Conv output, and c2 reads it.
         let dq_ar = g.node.iter().find(|n| n.output.first().map(String::as_str) == Some("ar")).unwrap();
         assert_eq!(dq_ar.op_type(), "DequantizeLinear");
@@ -645,10 +698,13 @@ mod tests {
         let bq = init("b1/int32").raw_data.as_ref().unwrap();
         let b0 = i32::from_le_bytes(bq[..4].try_into().unwrap());
         assert_eq!(b0, (0.1 / bs[0]).round() as i32);
-        // The Add reads both operands dequantized; y stays float.
+        // The Add reads both operands dequantized and writes a fresh name; the graph output y
+        // is its quantize-dequantize round trip.
         let add = g.node.iter().find(|n| n.op_type() == "Add").unwrap();
         assert!(add.input.iter().all(|i| i.ends_with("/dequantized")), "{:?}", add.input);
-        assert_eq!(add.output, ["y"]);
+        assert_eq!(add.output, ["y/float"]);
+        let y = g.node.iter().find(|n| n.output.first().map(String::as_str) == Some("y")).unwrap();
+        assert_eq!(y.op_type(), "DequantizeLinear");
     }
 
     #[test]
