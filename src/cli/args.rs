@@ -191,6 +191,6 @@ pub struct Int8Args {
     #[arg(long, requires = "calib")]
     pub int8: bool,
     /// How --int8 picks each activation's range from its calibration values.
-    #[arg(long, value_enum, default_value_t = RangeRule::Mse, value_name = "RULE")]
+    #[arg(long, value_enum, default_value_t = RangeRule::Percentile, value_name = "RULE")]
     pub int8_ranges: RangeRule,
 }

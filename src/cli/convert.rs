@@ -250,7 +250,7 @@ fn print_summary(s: &ConvertSummary) {
         println!(
             "  int8:           {} activations quantized ({:?} ranges), {} Convs with int8 weights, {} Relus folded",
             q.activations,
-            q.rule.unwrap_or(qdq::RangeRule::Mse),
+            q.rule.unwrap_or(qdq::RangeRule::Percentile),
             q.convs,
             q.relus_folded
         );

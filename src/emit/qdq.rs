@@ -121,7 +121,10 @@ impl QParams {
     /// uint8 parameters covering `[lo, hi]`, widened to include 0 (zero padding must be exact).
     pub fn from_range(lo: f32, hi: f32) -> Self {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-        let scale = ((hi - lo) / 255.0).max(1e-8);
+        // A tensor that stayed (almost) zero on every crop, e.g. a dead Relu: scale 1 as ONNX
+        // Runtime's quantizer uses, since a tiny scale would overflow the int32 bias of the
+        // Conv reading it (bias scale = input scale x weight scale).
+        let scale = if hi - lo < 1e-6 { 1.0 } else { (hi - lo) / 255.0 };
         let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
         Self { scale, zero_point }
     }
@@ -734,6 +737,8 @@ mod tests {
         assert!((p.scale - 2.0 / 255.0).abs() < 1e-9);
         let p = QParams::from_range(-1.0, 1.0);
         assert_eq!(p.round_trip(0.0), 0.0);
+        // A dead tensor keeps a usable scale (the next Conv's int32 bias must not overflow).
+        assert_eq!(QParams::from_range(0.0, 0.0), QParams { scale: 1.0, zero_point: 0 });
         assert!((p.round_trip(5.0) - (255.0 - p.zero_point as f32) * p.scale).abs() < 1e-6);
     }
 

@@ -25,6 +25,10 @@ pub struct BenchArgs {
     pub orig: PathBuf,
     /// The ghost model (.onnx).
     pub ghost: PathBuf,
+    /// More models of the same kind to time in the same interleaved runs (e.g. the int8
+    /// original and the int8 ghost model), each reported against the original. Repeatable.
+    #[arg(long, value_name = "MODEL")]
+    pub also: Vec<PathBuf>,
     /// Model-input size HxW (the LR size, or the HR size for pre-upsampled models).
     #[arg(long, default_value = "128x128", value_parser = parse_size)]
     pub size: (usize, usize),
@@ -91,6 +95,9 @@ pub struct BenchReport {
     pub provider: Provider,
     pub runs: usize,
     pub warmup: usize,
+    /// `--also` models: timing and median / orig median.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<(Timing, f64)>,
 }
 
 /// The `q` quantile (0..1) of sorted values, linearly interpolated.
@@ -174,6 +181,19 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             ghost.kind()
         );
     }
+    let mut also = Vec::new();
+    for p in &args.also {
+        let m = SrModel::open(p, &cfg)?;
+        ensure!(
+            m.kind() == orig.kind(),
+            "{} is a {:?} model, {} a {:?} one",
+            p.display(),
+            m.kind(),
+            args.orig.display(),
+            orig.kind()
+        );
+        also.push(m);
+    }
     let c = if orig.kind().channels == Channels::Rgb { 3 } else { 1 };
     let (h, w) = args.size;
     let shape = [1, c, h, w];
@@ -183,8 +203,12 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             .with_context(|| format!("running {}", args.orig.display()))?;
         time_once(&mut ghost, shape, &data, args.cpu_time)
             .with_context(|| format!("running {}", args.ghost.display()))?;
+        for (m, p) in also.iter_mut().zip(&args.also) {
+            time_once(m, shape, &data, args.cpu_time).with_context(|| format!("running {}", p.display()))?;
+        }
     }
     let (mut to, mut tg) = (Vec::new(), Vec::new());
+    let mut ta: Vec<Vec<f64>> = vec![Vec::new(); also.len()];
     for i in 0..args.runs {
         // Alternate which model goes first so neither always runs on a warmer cache.
         if i % 2 == 0 {
@@ -194,8 +218,21 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
             tg.push(time_once(&mut ghost, shape, &data, args.cpu_time)?);
             to.push(time_once(&mut orig, shape, &data, args.cpu_time)?);
         }
+        for (m, t) in also.iter_mut().zip(ta.iter_mut()) {
+            t.push(time_once(m, shape, &data, args.cpu_time)?);
+        }
     }
     let (o, g) = (timing(&args.orig, to), timing(&args.ghost, tg));
+    let also: Vec<(Timing, f64)> = args
+        .also
+        .iter()
+        .zip(ta)
+        .map(|(p, t)| {
+            let t = timing(p, t);
+            let r = t.median_ms / o.median_ms;
+            (t, r)
+        })
+        .collect();
     Ok(BenchReport {
         ratio: g.median_ms / o.median_ms,
         cpu_time: args.cpu_time,
@@ -206,6 +243,7 @@ pub fn bench(args: &BenchArgs) -> Result<BenchReport> {
         provider: args.provider,
         runs: args.runs,
         warmup: args.warmup,
+        also,
     })
 }
 
@@ -233,6 +271,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     println!("ghost/orig median ratio: {:.3}", r.ratio);
+    for (t, ratio) in &r.also {
+        println!(
+            "also   median {:9.3} ms  p10 {:9.3}  p90 {:9.3}  ratio {ratio:.3}  ({})",
+            t.median_ms, t.p10_ms, t.p90_ms, t.model
+        );
+    }
     Ok(())
 }
 
@@ -259,7 +303,8 @@ mod tests {
         std::fs::write(&b, crate::runner::sr::tests::tiny_model(3, 2)).unwrap();
         let args = BenchArgs {
             orig: a,
-            ghost: b,
+            ghost: b.clone(),
+            also: vec![],
             size: (16, 16),
             threads: 1,
             provider: Provider::Cpu,
@@ -271,6 +316,9 @@ mod tests {
         };
         let r = bench(&args).unwrap();
         assert!(r.ratio > 0.0 && r.orig.p10_ms <= r.orig.p90_ms);
+        let r = bench(&BenchArgs { also: vec![b.clone(), b.clone()], ..args.clone() }).unwrap();
+        assert_eq!(r.also.len(), 2, "each --also model gets a row");
+        assert!(r.also.iter().all(|(t, ratio)| t.model == b.display().to_string() && *ratio > 0.0));
         let r = bench(&BenchArgs { cpu_time: true, ..args.clone() }).unwrap();
         assert!(r.cpu_time && r.orig.min_ms >= 0.0 && r.ratio.is_finite());
         // CPU time with worker threads would count their spinning.
