@@ -186,8 +186,9 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
 pub struct Int8Args {
     /// Write a statically quantized int8 model (QDQ: uint8 activations, int8 per-channel
     /// weights, int32 biases), activation ranges from the calibration crops (needs --calib).
-    /// Ghost stages use the Convs-only form (`--emit standard` is also accepted; the GhostShift
-    /// forms are not: the op has no int8 kernel). `--ratio 0` quantizes the original network.
+    /// Ghost stages use the Convs-only form (it replaces the default `--emit plugin`; `--emit
+    /// standard` is kept; `--emit fused` is refused: GhostShift has no int8 kernel). `--ratio 0`
+    /// quantizes the original network.
     #[arg(long, requires = "calib")]
     pub int8: bool,
     /// How --int8 picks each activation's range from its calibration values.

@@ -41,6 +41,7 @@ Typical use:
   ghostsr convert model.onnx -o g.onnx --calib BSD68/   ghosts chosen from calibration data
       (much better quality without training; needs ORT_DYLIB_PATH)
   ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
+  ghostsr convert model.onnx -o q.onnx --calib BSD68/ --target cpu-int8   int8 model (QDQ)
   ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
   ghostsr sweep model.onnx --images Set5/ --scale 2 --calib BSD68/ --plot sweep.svg
 
