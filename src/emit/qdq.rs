@@ -743,6 +743,35 @@ mod tests {
     }
 
     #[test]
+    fn int8_picks_the_convs_only_form_and_refuses_the_fused_one() {
+        let r = |t, i, e| resolve(t, i, e).map_err(|e| e.to_string());
+        assert_eq!(r(None, false, EmitMode::Plugin), Ok((EmitMode::Plugin, false)));
+        assert_eq!(r(None, true, EmitMode::Plugin), Ok((EmitMode::Conv, true)));
+        assert_eq!(r(None, true, EmitMode::Standard), Ok((EmitMode::Standard, true)));
+        assert_eq!(r(Some(Target::CpuInt8), false, EmitMode::Plugin), Ok((EmitMode::Conv, true)));
+        assert_eq!(r(Some(Target::Cpu), false, EmitMode::Plugin), Ok((EmitMode::Conv, false)));
+        assert!(r(None, true, EmitMode::Fused).unwrap_err().contains("fused"));
+    }
+
+    #[test]
+    fn a_dead_input_keeps_the_next_bias_in_int32() {
+        // The Relu'd tensor "a" was zero on every crop: its range is [0, 0].
+        let m = model();
+        let lay = layout(&m).unwrap();
+        let params: HashMap<String, QParams> = [
+            ("x".to_string(), QParams::from_range(0.0, 1.0)),
+            ("a".to_string(), QParams::from_range(0.0, 0.0)),
+            ("b".to_string(), QParams::from_range(-3.0, 3.0)),
+            ("y".to_string(), QParams::from_range(-4.0, 4.0)),
+        ]
+        .into();
+        let (q, _) = quantize(&m, &lay, &params).unwrap();
+        let g = q.graph.as_ref().unwrap();
+        let scale = g.initializer.iter().find(|t| onnx::tensor_name(t) == "a/scale").unwrap();
+        assert_eq!(onnx::tensor_f32(scale).unwrap(), [1.0]);
+    }
+
+    #[test]
     fn old_opsets_are_refused() {
         let mut m = model();
         m.opset_import[0].version = Some(11);
