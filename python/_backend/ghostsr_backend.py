@@ -137,7 +137,8 @@ def rename_distribution(wheel: Path, name: str, requirements: Mapping[str, str])
             raise RuntimeError(f"{wheel} has no RECORD")
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([*records, (record_name, "", "")])
-        dst.writestr(record_name, buf.getvalue())
+        # The fixed timestamp maturin gives every entry, so the rename stays reproducible.
+        dst.writestr(zipfile.ZipInfo(record_name, date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
     wheel.unlink()
     return new_path
 

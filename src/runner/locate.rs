@@ -19,8 +19,13 @@ use anyhow::{Result, bail};
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
 /// The onnxruntime versions the CLI (ort 2.0.0-rc.15: C API 17) and the plugin (API 16+)
-/// work with, as a pip requirement; pyproject.toml pins the same range.
+/// work with, as a pip requirement; pyproject.toml pins the same range (the CUDA wheel's
+/// backend swaps in onnxruntime-gpu).
+#[cfg(not(feature = "cuda"))]
 pub const ORT_REQUIREMENT: &str = "onnxruntime>=1.17,<2";
+/// The onnxruntime versions the CLI and the plugin work with: a CUDA build needs the GPU package.
+#[cfg(feature = "cuda")]
+pub const ORT_REQUIREMENT: &str = "onnxruntime-gpu>=1.17,<2";
 
 /// Where an ONNX Runtime library was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -271,7 +276,7 @@ mod tests {
             "ORT_DYLIB_PATH: not set",
             "python3.11/site-packages/onnxruntime/capi/libonnxruntime.so*: no onnxruntime package",
             &format!("{}/venv/lib, {}", t.path().display(), sys.display()),
-            "pip install \"onnxruntime>=1.17,<2\"",
+            &format!("pip install \"{ORT_REQUIREMENT}\""),
         ] {
             assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
         }
