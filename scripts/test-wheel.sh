@@ -105,5 +105,5 @@ ORT_DYLIB_PATH=$("$vpy" -c 'import ghostsr; print(ghostsr.get_library_path())') 
 rc=$?
 set -e
 cat err.txt
-[ "$rc" = 1 ] && grep -q "OrtGetApiBase" err.txt || fail "a wrong ORT_DYLIB_PATH: exit $rc"
+[ "$rc" = 1 ] && grep -q "OrtGetApiBase" err.txt && grep -q "named by ORT_DYLIB_PATH" err.txt || fail "a wrong ORT_DYLIB_PATH: exit $rc"
 echo "test-wheel: all passed"

@@ -38,6 +38,16 @@ pub enum OrtSource {
     System,
 }
 
+impl std::fmt::Display for OrtSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OrtSource::Env => "named by ORT_DYLIB_PATH",
+            OrtSource::SitePackages => "the onnxruntime package beside ghostsr",
+            OrtSource::System => "found in a library folder",
+        })
+    }
+}
+
 /// `site-packages` (and Debian's `dist-packages`) directories of the Python environment whose
 /// `bin/` holds `exe`, e.g. `/venv/bin/ghostsr` -> `/venv/lib/python3.11/site-packages`.
 /// Existing directories only, newest Python first.

@@ -57,14 +57,14 @@ pub fn environment() -> Result<&'static Environment> {
 
 fn init_environment() -> Result<Environment> {
     let exe = std::env::current_exe().ok();
-    let (path, _) = super::locate::find_ort(
+    let (path, source) = super::locate::find_ort(
         std::env::var_os(ORT_DYLIB_ENV).as_deref(),
         exe.as_deref(),
         &super::locate::system_lib_dirs(),
     )?;
     let builder = ort::init_from(&path).map_err(|e| {
         anyhow!(
-            "loading ONNX Runtime from {}: {e} (ghostsr needs {})",
+            "loading ONNX Runtime from {} ({source}): {e} (ghostsr needs {})",
             path.display(),
             super::locate::ORT_REQUIREMENT
         )
