@@ -62,3 +62,6 @@ if ! "$torch_venv/bin/python" -c "import torch, onnx, onnxruntime, numpy, PIL, p
 fi
 GHOSTSR_BIN=$root/target/release/ghostsr GHOSTSR_PLUGIN=$root/target/release/libghostsr.so \
   "$torch_venv/bin/python" -m pytest trainers/pytorch/tests -q
+
+echo "== pip package: the wheel in a fresh venv, no ORT_DYLIB_PATH (scripts/test-wheel.sh)"
+scripts/test-wheel.sh
