@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use half::f16;
 
 use crate::onnx::{self, AttributeProto, GraphProto, ModelProto, TensorProto, ValueInfoProto, type_proto};
@@ -35,6 +35,17 @@ pub fn to_f32(model: &ModelProto) -> Result<ModelProto> {
 /// error naming the tensor, not a silent infinity.
 pub fn to_f16(model: &ModelProto) -> Result<ModelProto> {
     convert(model, FLOAT, FLOAT16)
+}
+
+/// Widens a loaded float16 model in place (analysis, planning and emitting read float32
+/// weights); returns whether it was float16. The model's file hash is unchanged, so plans made
+/// on the widened model fit the float16 file.
+pub fn widen(m: &mut crate::model::Model) -> Result<bool> {
+    if !is_fp16(&m.proto) {
+        return Ok(false);
+    }
+    m.proto = to_f32(&m.proto).with_context(|| format!("widening {} to float32", m.path.display()))?;
+    Ok(true)
 }
 
 fn elem_type(v: &ValueInfoProto) -> Option<i32> {
