@@ -3,9 +3,10 @@
 // a cudaError_t as int (0 = success) and never aborts.
 //
 // The per-element logic lives in ghost_shift_core.h (also compiled for the host and tested from
-// Rust against the CPU kernel). Grid: x = column tiles of 256 threads x VEC columns, y = rows,
-// z = N*C_g planes (both grid-stride beyond the grid limits). Attributes: one 32-byte GsAttr
-// record per ghost channel in device memory, uploaded per device on the compute stream.
+// Rust against the CPU kernel). Grid: x = column tiles (a warp-multiple of threads x VEC columns),
+// y = row groups (blockDim.y rows per block), z = N*C_g planes (both grid-stride beyond the grid
+// limits). Attributes: one 32-byte GsAttr record per ghost channel in device memory, uploaded per
+// device on the compute stream.
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -24,19 +25,26 @@ __global__ void __launch_bounds__(kThreads)
     ghost_shift_kernel(const T* __restrict__ x, T* __restrict__ y, const GsAttr* __restrict__ attrs, int32_t c_in,
                        int32_t c_g, int32_t h, int32_t w, int64_t planes) {
   const int64_t col0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-  ghostsr::gs_block<T, VEC>(x, y, attrs, c_in, c_g, h, w, planes, blockIdx.z, gridDim.z, (int32_t)blockIdx.y,
-                            (int32_t)gridDim.y, col0);
+  const int32_t row0 = (int32_t)(blockIdx.y * blockDim.y + threadIdx.y);
+  ghostsr::gs_block<T, VEC>(x, y, attrs, c_in, c_g, h, w, planes, blockIdx.z, gridDim.z, row0,
+                            (int32_t)(gridDim.y * blockDim.y), col0);
 }
 
 template <typename T, int VEC>
 cudaError_t launch_vec(const T* x, T* y, const GsAttr* attrs, int32_t c_in, int32_t c_g, int32_t h, int32_t w,
                        int64_t planes, cudaStream_t stream) {
-  const int64_t per_block = (int64_t)kThreads * VEC;
-  const int64_t tiles = (w + per_block - 1) / per_block;
-  const unsigned rows = (unsigned)(h < 65535 ? h : 65535);
+  // A block is a warp-multiple wide strip of one row (SR rows of 320-640 pixels would leave most
+  // of a 256-wide block idle), stacked over several rows to make 256 threads.
+  const int64_t cols = (w + VEC - 1) / VEC;
+  const int64_t bx = cols >= kThreads ? kThreads : (cols + 31) / 32 * 32;
+  const int64_t by = kThreads / bx;
+  const int64_t tiles = (cols + bx - 1) / bx;
+  const int64_t row_blocks = (h + by - 1) / by;
+  const unsigned rows = (unsigned)(row_blocks < 65535 ? row_blocks : 65535);
   const unsigned zs = (unsigned)(planes < 65535 ? planes : 65535);
   dim3 grid((unsigned)tiles, rows, zs);
-  ghost_shift_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(x, y, attrs, c_in, c_g, h, w, planes);
+  dim3 block((unsigned)bx, (unsigned)by);
+  ghost_shift_kernel<T, VEC><<<grid, block, 0, stream>>>(x, y, attrs, c_in, c_g, h, w, planes);
   return cudaGetLastError();
 }
 
