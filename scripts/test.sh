@@ -3,7 +3,9 @@
 # packages (ONNX Runtime 1.31.1, whose libonnxruntime.so the Rust side loads through
 # ORT_DYLIB_PATH; onnx, numpy, pillow and pytest for the cross-checks), builds the release
 # binary and the GhostShift plugin, then runs the Rust tests and the Python cross-checks, the
-# CUDA compile check and the reference trainer's tests (PyTorch, in its own .venv-torch).
+# CUDA build (nvcc from PyPI in .venv-cuda; its clippy, the host-side tests of the kernel logic,
+# the plugin tests and the GPU check's dry run on it) and the reference trainer's tests (PyTorch,
+# in its own .venv-torch).
 #
 #   scripts/test.sh            everything (what CI runs)
 #   SKIP_LINT=1 scripts/test.sh  without rustfmt/clippy

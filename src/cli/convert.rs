@@ -126,11 +126,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let mut m = model::load(&a.model)?;
     // Analysis, planning and emitting work in float32; a float16 model is widened (exactly) and
     // the ghost model narrowed back below.
-    let input_fp16 = emit::fp16::is_fp16(&m.proto);
-    if input_fp16 {
-        m.proto = emit::fp16::to_f32(&m.proto)
-            .with_context(|| format!("widening {} to float32", a.model.display()))?;
-    }
+    let input_fp16 = emit::fp16::widen(&mut m)?;
     if let Some(w) = &a.weights {
         apply_weights(&mut m, w)?;
     }
