@@ -42,6 +42,10 @@ pub struct ConvertArgs {
     /// Also write the plan that was applied to this path.
     #[arg(long, value_name = "PLAN")]
     pub save_plan: Option<PathBuf>,
+    /// Write the ghost model in float16 (for GPU deployments in half precision). A float16
+    /// input model is handled without this flag and stays float16.
+    #[arg(long)]
+    pub fp16: bool,
     /// Replace output files that exist.
     #[arg(long)]
     pub force: bool,
@@ -120,6 +124,9 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         lap = Instant::now();
     };
     let mut m = model::load(&a.model)?;
+    // Analysis, planning and emitting work in float32; a float16 model is widened (exactly) and
+    // the ghost model narrowed back below.
+    let input_fp16 = emit::fp16::widen(&mut m)?;
     if let Some(w) = &a.weights {
         apply_weights(&mut m, w)?;
     }
@@ -144,6 +151,11 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     };
     let (out, emitted) = emit::emit(&source, &analysis, &plan, a.emit)
         .with_context(|| format!("rewriting {}", a.model.display()))?;
+    let out = if input_fp16 || a.fp16 {
+        emit::fp16::to_f16(&out).with_context(|| format!("writing {} in float16", a.output.display()))?
+    } else {
+        out
+    };
     tick(&mut t.emit);
     let bytes = model::encode(&out);
     model::write_atomic(&a.output, &bytes, opts)?;

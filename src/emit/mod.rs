@@ -14,6 +14,7 @@
 //! function the plan defines and keeps every graph output in its original channel order.
 
 mod channel_order;
+pub mod fp16;
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;

@@ -38,6 +38,10 @@
 mod api;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(test, feature = "cuda"))]
+mod cuda_attrs;
+#[cfg(test)]
+mod cuda_host;
 mod op;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -57,6 +61,37 @@ pub const MAX_API_VERSION: u32 = ort_sys::ORT_API_VERSION;
 
 // The compiled-against version must cover the minimum and the shape inference fields.
 const _: () = assert!(MIN_API_VERSION <= MAX_API_VERSION && op::SHAPE_INFERENCE_API <= MAX_API_VERSION);
+
+/// Bytes that only a plugin built with the `cuda` feature contains: `--provider cuda` checks the
+/// plugin file for them ([`crate::runner::cuda_plugin`]) so a CPU-only build is an error, not a
+/// silent CPU placement. Kept here in masked form only, so that no other binary holds the plain
+/// marker by accident; [`CUDA_MARKER_LEN`] bytes, unmasked with [`unmask_cuda_marker`].
+pub const CUDA_MARKER_MASKED: [u8; CUDA_MARKER_LEN] = mask(*b"\0ghostsr-plugin-ep=CUDAExecutionProvider\0");
+/// Length of the CUDA marker.
+pub const CUDA_MARKER_LEN: usize = 41;
+const MARKER_MASK: u8 = 0x5a;
+
+const fn mask<const N: usize>(mut b: [u8; N]) -> [u8; N] {
+    let mut i = 0;
+    while i < N {
+        b[i] ^= MARKER_MASK;
+        i += 1;
+    }
+    b
+}
+
+/// The plain CUDA marker (computed at run time, see [`CUDA_MARKER_MASKED`]).
+pub fn unmask_cuda_marker() -> [u8; CUDA_MARKER_LEN] {
+    let mut b = CUDA_MARKER_MASKED;
+    for v in &mut b {
+        *v ^= std::hint::black_box(MARKER_MASK);
+    }
+    b
+}
+
+/// The marker itself, in the CUDA build's read-only data.
+#[cfg(feature = "cuda")]
+static CUDA_MARKER: [u8; CUDA_MARKER_LEN] = mask(CUDA_MARKER_MASKED);
 
 /// One runtime's registration: its API, op objects and domain, kept for the process lifetime.
 struct Registered {
@@ -158,6 +193,10 @@ unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<(), Stri
 
 /// One op object per (element type, execution provider).
 fn ops_for(api: Api) -> Vec<GhostShiftOp> {
+    // Keeps the marker in the shared object (reachable from RegisterCustomOps, so the linker
+    // cannot drop it).
+    #[cfg(feature = "cuda")]
+    std::hint::black_box(&CUDA_MARKER);
     let providers = [
         Provider::Cpu,
         #[cfg(feature = "cuda")]
@@ -179,6 +218,13 @@ mod tests {
 
     unsafe extern "system" fn version_string() -> *const std::ffi::c_char {
         c"0.0.0".as_ptr()
+    }
+
+    #[test]
+    fn the_cuda_marker_unmasks() {
+        assert_eq!(&unmask_cuda_marker(), b"\0ghostsr-plugin-ep=CUDAExecutionProvider\0");
+        #[cfg(feature = "cuda")]
+        assert_eq!(CUDA_MARKER, unmask_cuda_marker());
     }
 
     #[test]

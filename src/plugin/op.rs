@@ -16,7 +16,7 @@ use ort_sys::{
     OrtTypeInfo, OrtValue,
 };
 
-use super::api::{Api, ort_elem, ort_elem_raw};
+use super::api::{Api, Failure, ort_elem, ort_elem_raw};
 use crate::ops::{ElemType, GHOST_SHIFT, GhostShiftAttrs};
 
 /// The execution provider an op object is registered for.
@@ -116,12 +116,19 @@ fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
 }
 
-/// Runs `f`, turning `Err` and panics into error statuses made with `api`.
-fn guard_status(api: Api, f: impl FnOnce() -> Result<(), String>) -> OrtStatusPtr {
+/// Runs `f`, turning `Err` and panics into error statuses made with `api` (a `String` error is
+/// `ORT_INVALID_ARGUMENT`; see [`Failure`]).
+fn guard_status<E: Into<Failure>>(api: Api, f: impl FnOnce() -> Result<(), E>) -> OrtStatusPtr {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => OrtStatusPtr(ptr::null_mut()),
-        Ok(Err(msg)) => api.error(&msg),
-        Err(panic) => api.error(&format!("GhostShift: internal error (panic: {})", panic_text(&panic))),
+        Ok(Err(e)) => {
+            let e = e.into();
+            api.status(e.code, &e.msg)
+        }
+        Err(panic) => api.status(
+            ort_sys::OrtErrorCode::ORT_FAIL,
+            &format!("GhostShift: internal error (panic: {})", panic_text(&panic)),
+        ),
     }
 }
 
@@ -223,7 +230,8 @@ unsafe extern "system" fn create_kernel_v2(
         }
         #[cfg(feature = "cuda")]
         let device_attrs = match this.provider {
-            Provider::Cuda => Some(super::cuda::DeviceAttrs::upload(&attrs)?),
+            // Packed now, uploaded at the first compute on the input's device and stream.
+            Provider::Cuda => Some(super::cuda::DeviceAttrs::new(&attrs)?),
             Provider::Cpu => None,
         };
         let k = Box::new(Kernel {
@@ -317,7 +325,7 @@ unsafe extern "system" fn kernel_compute_v2(
 ///
 /// # Safety
 /// `ctx` must be the live kernel context of the current call.
-unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> {
+unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), Failure> {
     let api = k.api;
     let t = api.t();
     let mut input: *const OrtValue = ptr::null();
@@ -339,13 +347,15 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
         return Err(format!(
             "GhostShift: input X has element type {got}; this kernel is for {} (supported: float, float16)",
             k.elem.name()
-        ));
+        )
+        .into());
     }
     if dims.len() != 4 {
         return Err(format!(
             "GhostShift: input X must have rank 4 [N, C_i, H, W], got rank {} (shape {dims:?})",
             dims.len()
-        ));
+        )
+        .into());
     }
     let mut d = [0usize; 4];
     for (slot, &v) in d.iter_mut().zip(&dims) {
@@ -394,15 +404,20 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
                     ),
                 }
             }
+            .map_err(Failure::from)
         }
         #[cfg(feature = "cuda")]
         Provider::Cuda => {
-            let dev = k.device_attrs.as_ref().ok_or("GhostShift: CUDA kernel without device attributes")?;
+            let dev = k
+                .device_attrs
+                .as_ref()
+                .ok_or_else(|| Failure::fail("GhostShift: CUDA kernel without device attributes"))?;
             let mut stream: *mut c_void = ptr::null_mut();
             // SAFETY: ctx is live; the stream handle belongs to the runtime.
-            api.check(unsafe { (t.KernelContext_GetGPUComputeStream)(ctx, &mut stream) })?;
+            api.check(unsafe { (t.KernelContext_GetGPUComputeStream)(ctx, &mut stream) })
+                .map_err(Failure::fail)?;
             // SAFETY: xp / yp are device buffers of the checked type and sizes (CUDA EP, default
-            // memory type); `dev` holds C_g entries per array.
+            // memory type); `dev` holds C_g records.
             unsafe { dev.launch(k.elem, xp, yp, d, stream) }
         }
     }

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod bicubic;
 pub mod color;
+pub mod cuda_plugin;
 pub mod eval;
 pub mod image_io;
 pub mod locate;

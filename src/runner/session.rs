@@ -209,7 +209,14 @@ pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
     // Held from registering the plugin until the session exists: see `plugin_registration_lock`.
     let mut _registering = None;
     if needs_plugin || cfg.plugin.is_some() {
-        let plugin = find_plugin(cfg.plugin.as_deref())?;
+        let plugin = if cfg.provider == Provider::Cuda && needs_plugin {
+            // GhostShift must run on the GPU: a CUDA-capable plugin, and no CPU placement.
+            builder =
+                builder.with_config_entry(super::cuda_plugin::DISABLE_CPU_FALLBACK, "1").map_err(ort_err)?;
+            super::cuda_plugin::find_cuda_plugin(cfg.plugin.as_deref())?
+        } else {
+            find_plugin(cfg.plugin.as_deref())?
+        };
         _registering = Some(plugin_registration_lock());
         builder = builder
             .with_operator_library(&plugin)
