@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::onnx::ModelProto;
 
 mod external;
+mod signals;
 
 /// How deep prost decodes nested messages (its `RECURSION_LIMIT`): a model whose subgraphs
 /// (If/Loop/Scan bodies) nest deeper than about a third of this cannot be read.
@@ -120,8 +121,12 @@ pub fn write_atomic(out: &Path, bytes: &[u8], opts: WriteOptions<'_>) -> Result<
         .permissions(fs::Permissions::from_mode(0o666))
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    // Until the rename, SIGINT/SIGTERM/SIGHUP remove the temporary file before ending the process.
+    let _pending = signals::track(tmp.path());
     tmp.write_all(bytes).with_context(|| format!("cannot write {}", tmp.path().display()))?;
     tmp.as_file().sync_all().ok();
+    #[cfg(test)]
+    tests::before_rename(tmp.path());
     // Dropping `tmp` on an error removes the temporary file.
     tmp.persist(out).map_err(|e| {
         anyhow::anyhow!("cannot move {} to {}: {}", e.file.path().display(), out.display(), e.error)
@@ -204,6 +209,41 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test hook between writing the temporary file and the rename: in the child process of
+    /// `a_signal_during_a_write_removes_the_temporary`, interrupt the write there.
+    pub(super) fn before_rename(_tmp: &Path) {
+        if std::env::var_os("GHOSTSR_TEST_RAISE_SIGTERM").is_some() {
+            // SAFETY: raising a signal at ourselves.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
+
+    /// Issue 12 item 12: SIGTERM mid-write leaves no temporary file and still ends the process
+    /// by that signal. Runs itself as a child (the signal ends that process).
+    #[test]
+    fn a_signal_during_a_write_removes_the_temporary() {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(dir) = std::env::var_os("GHOSTSR_TEST_RAISE_SIGTERM") {
+            let out = Path::new(&dir).join("out.onnx");
+            let _ = write_atomic(&out, &[1u8; 4096], WriteOptions { protect: &[], force: false });
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "model::tests::a_signal_during_a_write_removes_the_temporary",
+                "--test-threads=1",
+            ])
+            .env("GHOSTSR_TEST_RAISE_SIGTERM", dir.path())
+            .output()
+            .unwrap()
+            .status;
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "the child ends by the signal: {status:?}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 
     #[test]
     fn rejects_empty_and_garbage() {

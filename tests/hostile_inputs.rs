@@ -151,6 +151,60 @@ fn item3_initializers_read_in_subgraphs_are_kept() {
     }
 }
 
+/// 3: an If body that reads a ghosted Conv's output by name reads it in its original channel
+/// order (the rewrite stores that tensor permuted under another name).
+#[test]
+fn item3_subgraphs_read_ghosted_tensors_in_the_original_order() {
+    let mut m = small();
+    let index = GraphIndex::new(m.graph.as_ref().unwrap()).unwrap();
+    let analysis = analysis::analyze(&index, &Policy::default()).unwrap();
+    let ghosted = analysis.eligible().next().unwrap().output.clone();
+    drop(index);
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(onnx::TensorProto {
+        data_type: Some(9),
+        raw_data: Some(vec![1]),
+        ..onnx::f32_tensor("cond", &[], &[])
+    });
+    let branch = |name: &str| onnx::GraphProto {
+        name: Some(name.into()),
+        node: vec![onnx::node(
+            "Identity",
+            &format!("{name}_id"),
+            &[&ghosted],
+            &[&format!("{name}_y")],
+            vec![],
+        )],
+        output: vec![onnx::value_info_nchw(&format!("{name}_y"), [None; 4])],
+        ..Default::default()
+    };
+    let graph_attr = |n: &str, g| onnx::AttributeProto {
+        name: Some(n.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Graph as i32),
+        g: Some(g),
+        ..Default::default()
+    };
+    g.node.push(onnx::node(
+        "If",
+        "peek",
+        &["cond"],
+        &["peeked"],
+        vec![graph_attr("then_branch", branch("then")), graph_attr("else_branch", branch("else"))],
+    ));
+    g.output.push(onnx::value_info_nchw("peeked", [None; 4]));
+    for mode in [EmitMode::Plugin, EmitMode::Standard] {
+        let out = convert(&m, mode);
+        let g = out.graph.as_ref().unwrap();
+        let at = |name: &str| g.node.iter().position(|n| n.output.iter().any(|o| o == name));
+        let producer =
+            at(&ghosted).unwrap_or_else(|| panic!("{mode:?}: nothing writes '{ghosted}' any more"));
+        let reader = g.node.iter().position(|n| n.op_type() == "If").unwrap();
+        assert!(producer < reader, "{mode:?}");
+        // Written in the original order: by a restoring Gather of the permuted tensor.
+        assert_eq!(g.node[producer].op_type(), "Gather", "{mode:?}");
+    }
+}
+
 // ---------------------------------------------------------------- 5-9: external data
 
 fn external(t: &mut TensorProto, location: &str, offset: usize, length: usize) {
