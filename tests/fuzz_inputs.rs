@@ -137,6 +137,38 @@ proptest! {
         }
     }
 
+    /// Model graphs with hostile attribute values (strides, pads, group, axes, blocksize, ...)
+    /// on every node: analysis, planning and every emitter.
+    #[test]
+    fn hostile_attributes_never_panic(
+        picks in prop::collection::vec((any::<prop::sample::Index>(), 0usize..10, any::<prop::sample::Index>(), 0usize..4), 1..6),
+    ) {
+        const NAMES: &[&str] = &["strides", "pads", "dilations", "kernel_shape", "group", "axis", "perm", "blocksize", "auto_pad", "split"];
+        const VALUES: &[i64] = &[i64::MIN, -3, -1, 0, 1, 2, 7, 1 << 40, i64::MAX];
+        let s = seed();
+        let mut m = s.model.clone();
+        let g = m.graph.as_mut().unwrap();
+        for (node, name, value, len) in &picks {
+            let n = g.node.len();
+            let node = &mut g.node[node.index(n)];
+            let name = NAMES[*name];
+            let v = VALUES[value.index(VALUES.len())];
+            node.attribute.retain(|a| a.name.as_deref() != Some(name));
+            node.attribute.push(match name {
+                "group" | "axis" | "blocksize" => ghostsr::onnx::attr_int(name, v),
+                "auto_pad" => ghostsr::onnx::attr_string(name, ["SAME_UPPER", "VALID", "", "X"][*len]),
+                _ => ghostsr::onnx::attr_ints_of(name, vec![v; *len + 1]),
+            });
+        }
+        let Ok(index) = GraphIndex::new(m.graph.as_ref().unwrap()) else { return Ok(()) };
+        let Ok(a) = analysis::analyze(&index, &Policy::default()) else { return Ok(()) };
+        let opts = PlanOptions { max_iterations: 2, ..Default::default() };
+        let Ok(plan) = kmeans::plan_model(&index, &a, "", &opts, &|_, _, _| {}) else { return Ok(()) };
+        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv] {
+            let _ = emit::emit(&m, &a, &plan, mode);
+        }
+    }
+
     /// Model files with external data: hostile locations, offsets, lengths and dims, read from
     /// a real directory through `model::load`.
     #[test]
