@@ -89,6 +89,8 @@ fn wrongly_typed_attributes_are_errors_naming_the_attribute() {
                 onnx::attr_floats_of("shifts", vec![0.0, 1.0, 1.0, 0.0]),
             ],
         ),
+        ("sources", vec![onnx::attr_int("sources", 1), onnx::attr_ints_of("shifts", vec![0, 1])]),
+        ("sources", vec![onnx::attr_ints_of("sources", vec![]), onnx::attr_ints_of("shifts", vec![])]),
         (
             "scales",
             vec![

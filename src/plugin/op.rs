@@ -262,7 +262,7 @@ unsafe fn read_attrs(api: Api, info: *const OrtKernelInfo) -> Result<GhostShiftA
         };
         (ints(names.sources)?, ints(names.shifts)?, floats(names.scales)?, floats(names.biases)?)
     };
-    let sources = sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
+    let sources = non_empty(sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?)?;
     let shifts = shifts.ok_or("GhostShift: required attribute 'shifts' (ints) is missing")?;
     GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)
 }
@@ -285,6 +285,15 @@ fn of_kind<T>(
         ));
     }
     Ok(v)
+}
+
+/// An empty `sources` would make a GhostShift with no output channels; it is also how an
+/// attribute of another type (a single INT, a STRING) reads through the typed getters.
+fn non_empty(sources: Vec<i64>) -> Result<Vec<i64>, String> {
+    if sources.is_empty() {
+        return Err("GhostShift: attribute 'sources' is empty or not an ints attribute; it must list at least one channel".into());
+    }
+    Ok(sources)
 }
 
 /// The dims of input X as the graph declares them (-1 for unknown), when it declares a shape.
@@ -486,7 +495,8 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         let shifts = read_ints(names.shifts)?;
         let scales = read_floats(names.scales)?;
         let biases = read_floats(names.biases)?;
-        let sources = sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
+        let sources =
+            non_empty(sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?)?;
         let shifts = shifts.ok_or("GhostShift: required attribute 'shifts' (ints) is missing")?;
         (ty, dims, sym, GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)?)
     };
