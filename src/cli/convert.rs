@@ -39,6 +39,10 @@ pub struct ConvertArgs {
     /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
+    /// Apply a --plan whose `model_sha256` names another model file (by default such a plan
+    /// is refused: it was made for different weights, usually a different model).
+    #[arg(long, requires = "plan")]
+    pub force_plan: bool,
     /// Also write the plan that was applied to this path.
     #[arg(long, value_name = "PLAN")]
     pub save_plan: Option<PathBuf>,
@@ -137,6 +141,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let (plan, weights, budget) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
+            check_plan_model(&plan, p, &m, a.force_plan)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             (plan, None, None)
@@ -190,6 +195,32 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         print_summary(&summary);
     }
     Ok(())
+}
+
+/// Refuses a plan recorded for another model file (its `model_sha256` differs from the sha256
+/// of the model being converted) unless `force`; a plan without a hash is applied as it is.
+fn check_plan_model(plan: &Plan, plan_path: &Path, m: &model::Model, force: bool) -> Result<()> {
+    if plan.model_sha256.is_empty() || plan.model_sha256.eq_ignore_ascii_case(&m.sha256) {
+        return Ok(());
+    }
+    if force {
+        eprintln!(
+            "ghostsr: warning: plan {} was made for the model with sha256 {}, not {} (sha256 {}); applying it anyway (--force-plan)",
+            plan_path.display(),
+            plan.model_sha256,
+            m.path.display(),
+            m.sha256
+        );
+        return Ok(());
+    }
+    bail!(
+        "plan {} was made for the model with sha256 {}, but {} has sha256 {}: it belongs to another model \
+         (or other weights). Make a plan for this model with `ghostsr plan`, or pass --force-plan to apply it anyway",
+        plan_path.display(),
+        plan.model_sha256,
+        m.path.display(),
+        m.sha256
+    )
 }
 
 /// Reads, validates and applies a weights file to the loaded model (before anything reads it).
