@@ -16,6 +16,13 @@ fn main() {
 
     // No linker version script is needed for the plugin: rustc already exports only the
     // `#[no_mangle] extern "C"` items of a cdylib (RegisterCustomOps); a test checks with nm.
+    // The release plugin is shipped without debug info (31 MB -> ~1.5 MB); the ghostsr binary
+    // keeps its line tables for profiling (Cargo.toml's release profile).
+    if env::var("PROFILE").is_ok_and(|p| p == "release") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,--strip-debug");
+    }
+
+    build_host_kernel();
 
     if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_cuda();
@@ -58,13 +65,33 @@ fn build_cuda() {
     for arch in ["80", "90"] {
         build.flag("-gencode").flag(format!("arch=compute_{arch},code=sm_{arch}"));
     }
+    // PTX for newer GPUs (JIT-compiled by the driver), beside the SASS above.
+    build.flag("-gencode").flag("arch=compute_90,code=compute_90");
     if let Ok(entries) = std::fs::read_dir("cuda_ops") {
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "cu") {
+                println!("cargo:rerun-if-changed={}", p.display());
                 build.file(p);
             }
         }
     }
     build.compile("ghostsr_cuda_ops");
+}
+
+/// The host build of the CUDA kernel's per-element logic (`cuda_ops/ghost_shift_core.h` through
+/// `cuda_ops/host_shim.cpp`), compiled by the system C++ compiler for the tests in
+/// `src/plugin/cuda_host.rs`; only those tests link it, so it never reaches the plugin.
+fn build_host_kernel() {
+    for f in ["cuda_ops/ghost_shift_core.h", "cuda_ops/host_shim.cpp"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("cuda_ops/host_shim.cpp")
+        // The CPU kernel rounds the multiply and the add separately.
+        .flag_if_supported("-ffp-contract=off")
+        .warnings(true)
+        .compile("ghostsr_cuda_host");
 }

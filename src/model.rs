@@ -16,7 +16,14 @@ use anyhow::{Context, Result, bail};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::onnx::{ModelProto, TensorProto, tensor_proto::DataLocation};
+use crate::onnx::ModelProto;
+
+mod external;
+mod signals;
+
+/// How deep prost decodes nested messages (its `RECURSION_LIMIT`): a model whose subgraphs
+/// (If/Loop/Scan bodies) nest deeper than about a third of this cannot be read.
+pub const DECODE_DEPTH_LIMIT: u32 = 100;
 
 /// A decoded model with where it came from.
 #[derive(Clone, Debug)]
@@ -39,12 +46,7 @@ pub fn load(path: &Path) -> Result<Model> {
     let bytes = fs::read(path).with_context(|| format!("cannot read model file {}", path.display()))?;
     let mut proto =
         decode(&bytes).with_context(|| format!("{} is not a valid ONNX model", path.display()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if let Some(graph) = proto.graph.as_mut() {
-        for t in graph.initializer.iter_mut() {
-            inline_external(t, dir).with_context(|| format!("in {}", path.display()))?;
-        }
-    }
+    external::inline_all(&mut proto, path).with_context(|| format!("in {}", path.display()))?;
     Ok(Model { proto, path: path.to_path_buf(), sha256: sha256_hex(&bytes) })
 }
 
@@ -54,7 +56,15 @@ pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
         bail!("the file is empty");
     }
     let proto = ModelProto::decode(bytes).map_err(|e| {
-        anyhow::anyhow!("protobuf decoding failed ({e}); the file is truncated, corrupt, or not ONNX")
+        if e.to_string().contains("recursion limit") {
+            anyhow::anyhow!(
+                "the model nests messages deeper than the decoder's limit of {DECODE_DEPTH_LIMIT} levels \
+                 (about {} levels of If/Loop/Scan subgraphs inside each other); ghostsr cannot read it",
+                DECODE_DEPTH_LIMIT / 3
+            )
+        } else {
+            anyhow::anyhow!("protobuf decoding failed ({e}); the file is truncated, corrupt, or not ONNX")
+        }
     })?;
     // Random bytes sometimes decode as a protobuf message with only unknown fields: a model
     // needs at least an IR version and a graph to be ONNX.
@@ -86,7 +96,12 @@ pub struct WriteOptions<'a> {
 
 /// Writes `bytes` to `out` atomically: a temporary file in the same directory, then a rename,
 /// so a crash never leaves a half-written model and readers never see one.
+///
+/// The temporary file is created exclusively (`O_EXCL`, a random name: a planted file or link
+/// is never opened) and removed on every error path. Its name, `.NAME.ghostsr-tmp.PID.RANDOM`,
+/// lets a later run recognise one left by a killed process and remove it.
 pub fn write_atomic(out: &Path, bytes: &[u8], opts: WriteOptions<'_>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     check_output_path(out, opts)?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -98,27 +113,69 @@ pub fn write_atomic(out: &Path, bytes: &[u8], opts: WriteOptions<'_>) -> Result<
         })?;
     }
     let file_name = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().ok();
-        fs::rename(&tmp, out).with_context(|| format!("cannot move {} to {}", tmp.display(), out.display()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    remove_stale_temporaries(&dir, &file_name);
+    let prefix = format!("{}{}.", temp_prefix(&file_name), std::process::id());
+    // 0o666 before the umask, like any file the user creates (tempfile's default is 0o600).
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .permissions(fs::Permissions::from_mode(0o666))
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    // Until the rename, SIGINT/SIGTERM/SIGHUP remove the temporary file before ending the process.
+    let _pending = signals::track(tmp.path());
+    tmp.write_all(bytes).with_context(|| format!("cannot write {}", tmp.path().display()))?;
+    tmp.as_file().sync_all().ok();
+    #[cfg(test)]
+    tests::before_rename(tmp.path());
+    // Dropping `tmp` on an error removes the temporary file.
+    tmp.persist(out).map_err(|e| {
+        anyhow::anyhow!("cannot move {} to {}: {}", e.file.path().display(), out.display(), e.error)
+    })?;
+    Ok(())
 }
 
-/// Refuses an output path that is one of the protected inputs, or that exists without `force`.
+/// The name prefix of the temporary files written for `file_name` (followed by the pid).
+fn temp_prefix(file_name: &str) -> String {
+    format!(".{file_name}.ghostsr-tmp.")
+}
+
+/// Removes temporary files for `file_name` in `dir` left by ghostsr processes that no longer
+/// run (killed mid-write). Only files named by [`write_atomic`] with a dead pid are touched.
+fn remove_stale_temporaries(dir: &Path, file_name: &str) {
+    // Without /proc there is no cheap way to tell a live process: leave everything.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = temp_prefix(file_name);
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else { continue };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if !alive && regular {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Refuses an output path that is one of the protected inputs, that exists without `force`, or
+/// that exists and is not a regular file (a device, a FIFO, a directory: renaming over it would
+/// replace it, and writing into it is never what a model output means).
 pub fn check_output_path(out: &Path, opts: WriteOptions<'_>) -> Result<()> {
     for p in opts.protect {
         if same_file(out, p) {
             bail!("refusing to write {}: it is the input file; choose another output path", out.display());
         }
     }
-    if out.exists() && !opts.force {
+    if let Ok(meta) = fs::metadata(out)
+        && !meta.is_file()
+    {
+        let kind = if meta.is_dir() { "a directory" } else { "not a regular file" };
+        bail!("refusing to write {}: it exists and is {kind}", out.display());
+    }
+    if fs::symlink_metadata(out).is_ok() && !opts.force {
         bail!("{} already exists; pass --force to overwrite it", out.display());
     }
     Ok(())
@@ -149,62 +206,44 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads an initializer's external data into `raw_data`, so the rewritten model carries every
-/// weight inline (a model over protobuf's 2 GiB limit is refused by the encoder's caller).
-fn inline_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
-    if t.data_location != Some(DataLocation::External as i32) {
-        return Ok(());
-    }
-    let name = t.name.clone().unwrap_or_default();
-    let mut location = None;
-    let mut offset = 0u64;
-    let mut length = None;
-    for kv in &t.external_data {
-        let v = kv.value.clone().unwrap_or_default();
-        match kv.key.as_deref() {
-            Some("location") => location = Some(v),
-            Some("offset") => {
-                offset = v.parse().with_context(|| format!("tensor '{name}': bad offset {v:?}"))?
-            }
-            Some("length") => {
-                length = Some(v.parse::<u64>().with_context(|| format!("tensor '{name}': bad length {v:?}"))?)
-            }
-            _ => {}
-        }
-    }
-    let Some(location) = location else {
-        bail!("tensor '{name}' is stored externally but names no location");
-    };
-    let rel = Path::new(&location);
-    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        bail!(
-            "tensor '{name}': external data location {location:?} must be a relative path inside the model's directory"
-        );
-    }
-    let file = dir.join(rel);
-    let data = fs::read(&file)
-        .with_context(|| format!("tensor '{name}': cannot read external data file {}", file.display()))?;
-    let start = offset as usize;
-    let end = match length {
-        Some(l) => start.checked_add(l as usize),
-        None => Some(data.len()),
-    };
-    let Some(end) = end.filter(|&e| e <= data.len() && start <= e) else {
-        bail!(
-            "tensor '{name}': external data range {start}..{end:?} is outside {} ({} bytes)",
-            file.display(),
-            data.len()
-        );
-    };
-    t.raw_data = Some(data[start..end].to_vec());
-    t.external_data.clear();
-    t.data_location = None;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test hook between writing the temporary file and the rename: in the child process of
+    /// `a_signal_during_a_write_removes_the_temporary`, interrupt the write there.
+    pub(super) fn before_rename(_tmp: &Path) {
+        if std::env::var_os("GHOSTSR_TEST_RAISE_SIGTERM").is_some() {
+            // SAFETY: raising a signal at ourselves.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
+
+    /// Issue 12 item 12: SIGTERM mid-write leaves no temporary file and still ends the process
+    /// by that signal. Runs itself as a child (the signal ends that process).
+    #[test]
+    fn a_signal_during_a_write_removes_the_temporary() {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(dir) = std::env::var_os("GHOSTSR_TEST_RAISE_SIGTERM") {
+            let out = Path::new(&dir).join("out.onnx");
+            let _ = write_atomic(&out, &[1u8; 4096], WriteOptions { protect: &[], force: false });
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "model::tests::a_signal_during_a_write_removes_the_temporary",
+                "--test-threads=1",
+            ])
+            .env("GHOSTSR_TEST_RAISE_SIGTERM", dir.path())
+            .output()
+            .unwrap()
+            .status;
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "the child ends by the signal: {status:?}");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 
     #[test]
     fn rejects_empty_and_garbage() {

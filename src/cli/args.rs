@@ -79,7 +79,7 @@ impl PlanningArgs {
     }
 }
 
-/// Calibration: choose ghosts from data (needs ORT_DYLIB_PATH).
+/// Calibration: choose ghosts from data (needs ONNX Runtime).
 #[derive(Args, Debug, Clone)]
 pub struct CalibArgs {
     /// Calibrate on crops of the HR images in DIR: run the original model (ONNX Runtime, CPU)

@@ -46,9 +46,17 @@ pub struct ConvertArgs {
     pub target: Option<Target>,
     #[command(flatten)]
     pub int8: Int8Args,
+    /// Apply a --plan whose `model_sha256` names another model file (by default such a plan
+    /// is refused: it was made for different weights, usually a different model).
+    #[arg(long, requires = "plan")]
+    pub force_plan: bool,
     /// Also write the plan that was applied to this path.
     #[arg(long, value_name = "PLAN")]
     pub save_plan: Option<PathBuf>,
+    /// Write the ghost model in float16 (for GPU deployments in half precision). A float16
+    /// input model is handled without this flag and stays float16.
+    #[arg(long)]
+    pub fp16: bool,
     /// Replace output files that exist.
     #[arg(long)]
     pub force: bool,
@@ -130,6 +138,9 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         lap = Instant::now();
     };
     let mut m = model::load(&a.model)?;
+    // Analysis, planning and emitting work in float32; a float16 model is widened (exactly) and
+    // the ghost model narrowed back below.
+    let input_fp16 = emit::fp16::widen(&mut m)?;
     if let Some(w) = &a.weights {
         apply_weights(&mut m, w)?;
     }
@@ -140,6 +151,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let (plan, weights, budget) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
+            check_plan_model(&plan, p, &m, a.force_plan)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             (plan, None, None)
@@ -155,6 +167,16 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let (mode, int8) = qdq::resolve(a.target, a.int8.int8, a.emit)?;
     let (out, emitted) = emit::emit(&source, &analysis, &plan, mode)
         .with_context(|| format!("rewriting {}", a.model.display()))?;
+    if int8 && (input_fp16 || a.fp16) {
+        bail!(
+            "--int8 writes a uint8/int8 model; it does not combine with float16 (--fp16 or a float16 input)"
+        );
+    }
+    let out = if input_fp16 || a.fp16 {
+        emit::fp16::to_f16(&out).with_context(|| format!("writing {} in float16", a.output.display()))?
+    } else {
+        out
+    };
     let quantized = match (int8, &a.calib.calib) {
         (false, _) => None,
         (true, None) => bail!("int8 needs calibration crops: add --calib DIR"),
@@ -198,6 +220,32 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         print_summary(&summary);
     }
     Ok(())
+}
+
+/// Refuses a plan recorded for another model file (its `model_sha256` differs from the sha256
+/// of the model being converted) unless `force`; a plan without a hash is applied as it is.
+fn check_plan_model(plan: &Plan, plan_path: &Path, m: &model::Model, force: bool) -> Result<()> {
+    if plan.model_sha256.is_empty() || plan.model_sha256.eq_ignore_ascii_case(&m.sha256) {
+        return Ok(());
+    }
+    if force {
+        eprintln!(
+            "ghostsr: warning: plan {} was made for the model with sha256 {}, not {} (sha256 {}); applying it anyway (--force-plan)",
+            plan_path.display(),
+            plan.model_sha256,
+            m.path.display(),
+            m.sha256
+        );
+        return Ok(());
+    }
+    bail!(
+        "plan {} was made for the model with sha256 {}, but {} has sha256 {}: it belongs to another model \
+         (or other weights). Make a plan for this model with `ghostsr plan`, or pass --force-plan to apply it anyway",
+        plan_path.display(),
+        plan.model_sha256,
+        m.path.display(),
+        m.sha256
+    )
 }
 
 /// Reads, validates and applies a weights file to the loaded model (before anything reads it).

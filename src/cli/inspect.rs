@@ -24,7 +24,9 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &InspectArgs) -> Result<()> {
-    let m = model::load(&a.model)?;
+    let mut m = model::load(&a.model)?;
+    // float16 weights are inspected as float32 (exact), like convert does.
+    crate::emit::fp16::widen(&mut m)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     let report = report::inspect(&a.model.display().to_string(), &m.proto, &index, &analysis);

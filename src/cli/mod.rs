@@ -39,15 +39,18 @@ Typical use:
   ghostsr plan model.onnx -o plan.json --export-weights w.safetensors   weights for a trainer
   ghostsr convert model.onnx --plan tuned.json --weights tuned.safetensors -o model.ghost.onnx
   ghostsr convert model.onnx -o g.onnx --calib BSD68/   ghosts chosen from calibration data
-      (much better quality without training; needs ORT_DYLIB_PATH)
-  ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ORT_DYLIB_PATH)
+      (much better quality without training; needs ONNX Runtime)
+  ghostsr eval model.ghost.onnx --images Set5/ --scale 2       PSNR/SSIM (needs ONNX Runtime)
   ghostsr convert model.onnx -o q.onnx --calib BSD68/ --target cpu-int8   int8 model (QDQ)
   ghostsr bench model.onnx model.ghost.onnx --size 128x128     latency ratio
   ghostsr sweep model.onnx --images Set5/ --scale 2 --calib BSD68/ --plot sweep.svg
 
-Running models needs ONNX Runtime 1.31.1: set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1
-(pip install onnxruntime==1.31.1; it is in site-packages/onnxruntime/capi/). Ghost models in
-plugin form load target/release/libghostsr.so automatically (--plugin PATH overrides).";
+Running models needs ONNX Runtime (onnxruntime>=1.17,<2). After `pip install ghostsr` it is
+found in the same Python environment; otherwise set ORT_DYLIB_PATH to libonnxruntime.so (e.g.
+site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 of `pip install onnxruntime`), which
+always wins, or install it in a system library folder. Ghost models in plugin form load
+libghostsr.so automatically (next to this executable, in the ghostsr Python package, or
+target/release/; --plugin PATH overrides).";
 
 #[derive(Parser, Debug)]
 #[command(name = "ghostsr", version, about = ABOUT, long_about = LONG_ABOUT)]

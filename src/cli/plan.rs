@@ -108,7 +108,9 @@ pub fn run(a: &PlanArgs) -> Result<()> {
             bail!("--export-weights and -o name the same file");
         }
     }
-    let m = model::load(&a.model)?;
+    let mut m = model::load(&a.model)?;
+    // float16 models are planned in float32 (exact), like convert does.
+    crate::emit::fp16::widen(&mut m)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     let (plan, refit, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?;

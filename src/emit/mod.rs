@@ -14,6 +14,8 @@
 //! function the plan defines and keeps every graph output in its original channel order.
 
 mod channel_order;
+pub mod fp16;
+mod keep;
 pub mod qdq;
 
 use std::collections::{HashMap, HashSet};
@@ -98,14 +100,10 @@ pub fn emit(
     let g = out.graph.as_mut().expect("graph checked above");
     let Emitter { nodes, inits, value_info, report, .. } = e;
     g.node = nodes;
+    let new_inits = inits.len();
     g.initializer.extend(inits);
-    // Drop initializers no node reads any more (replaced weights) and shape annotations of
-    // tensors that no longer exist, then annotate the new tensors.
-    let used: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
-    let outputs: HashSet<String> = g.output.iter().filter_map(|o| o.name.clone()).collect();
-    g.initializer.retain(|t| used.contains(onnx::tensor_name(t)) || outputs.contains(onnx::tensor_name(t)));
-    let produced: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
-    g.value_info.retain(|v| v.name.as_ref().is_some_and(|n| produced.contains(n)));
+    // Drop what the rewrite replaced (and only that), then annotate the new tensors.
+    keep::tidy(g, graph, out.ir_version, new_inits);
     g.value_info.extend(value_info);
     if mode != EmitMode::Standard
         && g.node.iter().any(|n| n.domain.as_deref() == Some(GHOST_SHIFT.domain_str()))
@@ -292,6 +290,12 @@ impl<'a> Emitter<'a> {
 
     /// Emits an original node, carrying channel layouts through it.
     fn node(&mut self, node: &NodeProto) -> Result<()> {
+        // A subgraph reads outer tensors by their original names: give it those.
+        for name in keep::subgraph_reads(node) {
+            if self.perms.contains_key(name) {
+                self.identity(name, "read inside a subgraph (If/Loop/Scan body)");
+            }
+        }
         let permuted = node.input.iter().any(|i| self.perms.contains_key(i));
         if !permuted {
             self.nodes.push(node.clone());

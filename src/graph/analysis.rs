@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::graph::shapes::{self, Shapes};
 use crate::graph::{GraphIndex, describe};
-use crate::onnx::{self, tensor_proto::DataType};
+use crate::onnx::{self, NodeProto, tensor_proto::DataType};
 
 /// Knobs of the default policy.
 #[derive(Clone, Debug)]
@@ -195,12 +195,19 @@ fn structure(index: &GraphIndex<'_>, shapes: &Shapes, info: &mut ConvInfo) -> Re
             _ => return Err("bias is not a constant float32 initializer".into()),
         }
     }
+    conv_attributes(index.node(info.node_index), &w.dims)?;
     let (c_out, cin_g) = (w.dims[0] as usize, w.dims[1] as usize);
     info.c_out = c_out;
     info.c_in = cin_g * info.group;
     info.kernel = [w.dims[2] as usize, w.dims[3] as usize];
     if c_out % info.group != 0 {
         return Err(format!("{c_out} filters do not divide into {} groups", info.group));
+    }
+    if let Some(c) = shapes.channels(&info.input).filter(|&c| c != info.c_in) {
+        return Err(format!(
+            "the input has {c} channels but the weights expect {cin_g} per group x {} groups = {}",
+            info.group, info.c_in
+        ));
     }
     if info.filters_per_group() < 2 {
         return Err(format!(
@@ -210,6 +217,39 @@ fn structure(index: &GraphIndex<'_>, shapes: &Shapes, info: &mut ConvInfo) -> Re
     }
     if shapes.channels(&info.output).is_none() {
         return Err("output shape could not be inferred (an operator upstream is not understood)".into());
+    }
+    Ok(())
+}
+
+/// Checks a 2-D Conv's attributes against its weight dims (`[c_out, c_in/group, kh, kw]`): a
+/// model with other values is invalid, and its Conv is left alone with the reason.
+fn conv_attributes(n: &NodeProto, w: &[i64]) -> Result<(), String> {
+    if let Some(d) = w.iter().find(|&&d| d < 1) {
+        return Err(format!("invalid weights: dims {w:?} include {d}"));
+    }
+    let bad = |what: &str| Err(format!("invalid attribute: {what}"));
+    if let Some(g) = onnx::attr_i(n, "group").filter(|&g| g < 1) {
+        return bad(&format!("group = {g} must be at least 1"));
+    }
+    let nd = w.len() - 2;
+    let checks: [(&str, usize, i64); 4] =
+        [("kernel_shape", nd, 1), ("strides", nd, 1), ("dilations", nd, 1), ("pads", 2 * nd, 0)];
+    for (name, len, min) in checks {
+        let Some(v) = onnx::attr_ints(n, name) else { continue };
+        if v.len() != len {
+            return bad(&format!("{name} = {v:?} needs {len} values for a {nd}-D Conv"));
+        }
+        if let Some(x) = v.iter().find(|&&x| x < min) {
+            return bad(&format!("{name} = {v:?} has {x}; each value must be at least {min}"));
+        }
+        if name == "kernel_shape" && v[..] != w[2..] {
+            return bad(&format!("kernel_shape = {v:?} differs from the weights' {:?}", &w[2..]));
+        }
+    }
+    if let Some(p) = onnx::attr_s(n, "auto_pad")
+        && !matches!(p.as_str(), "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID")
+    {
+        return bad(&format!("auto_pad = {p:?} is not NOTSET, SAME_UPPER, SAME_LOWER or VALID"));
     }
     Ok(())
 }

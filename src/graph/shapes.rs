@@ -117,14 +117,28 @@ fn norm_axis(axis: i64, rank: usize) -> usize {
     if axis < 0 { (axis + rank as i64).max(0) as usize } else { axis as usize }
 }
 
-/// Spatial output size of a Conv or pool along one axis.
-fn conv_out(inp: i64, k: i64, stride: i64, dil: i64, pad_begin: i64, pad_end: i64, auto_pad: &str) -> i64 {
-    let eff = (k - 1) * dil + 1;
-    match auto_pad {
-        "SAME_UPPER" | "SAME_LOWER" => (inp + stride - 1) / stride,
-        "VALID" => (inp - eff) / stride + 1,
-        _ => (inp + pad_begin + pad_end - eff) / stride + 1,
+/// Spatial output size of a Conv or pool along one axis; `None` for attributes no valid model
+/// has (a stride, dilation or kernel below 1, negative pads) or an empty output.
+fn conv_out(
+    inp: i64,
+    k: i64,
+    stride: i64,
+    dil: i64,
+    pad_begin: i64,
+    pad_end: i64,
+    auto_pad: &str,
+) -> Option<i64> {
+    if k < 1 || stride < 1 || dil < 1 || pad_begin < 0 || pad_end < 0 {
+        return None;
     }
+    let eff = (k - 1).checked_mul(dil)?.checked_add(1)?;
+    let o = match auto_pad {
+        "SAME_UPPER" | "SAME_LOWER" => inp.checked_add(stride - 1)? / stride,
+        "VALID" => inp.checked_sub(eff)? / stride + 1,
+        "NOTSET" | "" => inp.checked_add(pad_begin)?.checked_add(pad_end)?.checked_sub(eff)? / stride + 1,
+        _ => return None,
+    };
+    (o >= 1).then_some(o)
 }
 
 fn spatial_attrs(node: &NodeProto, kernel: &[i64]) -> (Vec<i64>, Vec<i64>, Vec<i64>, String) {
@@ -166,11 +180,10 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                 if !kernel.is_empty() && x.len() == kernel.len() + 2 {
                     let (st, dil, pads, ap) = spatial_attrs(node, &kernel);
                     let nd = kernel.len();
-                    let mut o = vec![x[0], c_out];
-                    for i in 0..nd {
-                        o.push(conv_out(x[2 + i], kernel[i], st[i], dil[i], pads[i], pads[nd + i], &ap));
-                    }
-                    outs[0] = Some(o);
+                    let spatial: Option<Vec<i64>> = (0..nd)
+                        .map(|i| conv_out(x[2 + i], kernel[i], st[i], dil[i], pads[i], pads[nd + i], &ap))
+                        .collect();
+                    outs[0] = spatial.map(|sp| [vec![x[0], c_out], sp].concat());
                 }
             }
         }
@@ -269,7 +282,7 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
                                 "Add" => Some(x + y),
                                 "Sub" => Some(x - y),
                                 "Mul" => Some(x * y),
-                                "Div" if y != 0 => Some(x / y),
+                                "Div" => x.checked_div(y),
                                 _ => None,
                             }
                         })
@@ -295,7 +308,7 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         "Split" => {
             if let Some(x) = &x {
                 let axis = norm_axis(onnx::attr_i(node, "axis").unwrap_or(0), x.len());
-                let n_out = node.output.len() as i64;
+                let n_out = (node.output.len() as i64).max(1);
                 let sizes = node
                     .input
                     .get(1)
@@ -321,9 +334,10 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
             if let (Some(x), Some(b)) = (&x, onnx::attr_i(node, "blocksize"))
                 && x.len() == 4
                 && b > 0
+                && b.checked_mul(b).is_some()
             {
                 outs[0] = Some(if op == "DepthToSpace" {
-                    vec![x[0], x[1] / (b * b), x[2] * b, x[3] * b]
+                    vec![x[0], x[1] / (b * b), x[2].saturating_mul(b), x[3].saturating_mul(b)]
                 } else {
                     vec![x[0], x[1] * b * b, x[2] / b, x[3] / b]
                 });
@@ -445,7 +459,7 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         }
         "Flatten" => {
             if let Some(x) = &x {
-                let axis = norm_axis(onnx::attr_i(node, "axis").unwrap_or(1), x.len());
+                let axis = norm_axis(onnx::attr_i(node, "axis").unwrap_or(1), x.len()).min(x.len());
                 outs[0] = Some(vec![x[..axis].iter().product(), x[axis..].iter().product()]);
             }
         }
@@ -504,7 +518,8 @@ fn infer_node(index: &GraphIndex<'_>, node: &NodeProto, s: &mut Shapes) {
         if out.is_empty() {
             continue;
         }
-        if let Some(d) = outs[i].take() {
+        // A negative dim only comes from attributes no valid model has: leave it unknown.
+        if let Some(d) = outs[i].take().filter(|d| d.iter().all(|&v| v >= 0)) {
             s.dims.insert(out.clone(), d);
         }
         if let Some(v) = out_values[i].take() {
@@ -519,10 +534,41 @@ mod tests {
 
     #[test]
     fn conv_output_sizes() {
-        assert_eq!(conv_out(64, 3, 1, 1, 1, 1, "NOTSET"), 64);
-        assert_eq!(conv_out(64, 3, 2, 1, 1, 1, "NOTSET"), 32);
-        assert_eq!(conv_out(63, 3, 2, 1, 0, 0, "SAME_UPPER"), 32);
-        assert_eq!(conv_out(10, 5, 1, 1, 0, 0, "VALID"), 6);
+        assert_eq!(conv_out(64, 3, 1, 1, 1, 1, "NOTSET"), Some(64));
+        assert_eq!(conv_out(64, 3, 2, 1, 1, 1, "NOTSET"), Some(32));
+        assert_eq!(conv_out(63, 3, 2, 1, 0, 0, "SAME_UPPER"), Some(32));
+        assert_eq!(conv_out(10, 5, 1, 1, 0, 0, "VALID"), Some(6));
+        // Attributes no valid model has give "unknown", never a division by zero.
+        assert_eq!(conv_out(64, 3, 0, 1, 1, 1, "NOTSET"), None);
+        assert_eq!(conv_out(64, 3, 1, 0, 1, 1, "NOTSET"), None);
+        assert_eq!(conv_out(64, -3, 1, 1, 1, 1, "NOTSET"), None);
+        assert_eq!(conv_out(64, 3, 1, 1, -5, 1, "NOTSET"), None);
+        assert_eq!(conv_out(64, 3, 1, 1, 1, 1, "SAME_SIDEWAYS"), None);
+        assert_eq!(conv_out(2, 5, 1, 1, 0, 0, "VALID"), None);
+    }
+
+    /// Issue 12 item 13: `strides = [0, 0]` on Conv/MaxPool/AveragePool divided by zero.
+    #[test]
+    fn zero_strides_leave_the_shape_unknown_instead_of_panicking() {
+        use crate::onnx::{GraphProto, TensorProto};
+        for op in ["Conv", "MaxPool", "AveragePool"] {
+            let mut attrs = vec![onnx::attr_ints_of("strides", vec![0, 0])];
+            let mut inputs = vec!["x"];
+            if op == "Conv" {
+                inputs.push("w");
+            } else {
+                attrs.push(onnx::attr_ints_of("kernel_shape", vec![3, 3]));
+            }
+            let graph = GraphProto {
+                node: vec![onnx::node(op, "n", &inputs, &["y"], attrs)],
+                initializer: vec![TensorProto { ..onnx::f32_tensor("w", &[4, 4, 3, 3], &[0.0; 144]) }],
+                input: vec![onnx::value_info_nchw("x", [Some(1), Some(4), Some(8), Some(8)])],
+                ..Default::default()
+            };
+            let index = GraphIndex::new(&graph).unwrap();
+            let s = infer(&index, 16);
+            assert_eq!(s.get("y"), None, "{op}");
+        }
     }
 
     #[test]

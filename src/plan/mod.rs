@@ -192,7 +192,7 @@ impl LayerPlan {
                 bail!("ghost channel {c}: source {} is not an intrinsic channel", g.source);
             }
             for d in g.shift {
-                if d.abs() > max_shift {
+                if d.unsigned_abs() > max_shift.unsigned_abs() {
                     bail!("ghost channel {c}: shift {:?} is beyond max_shift {max_shift}", g.shift);
                 }
             }

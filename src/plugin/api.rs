@@ -58,9 +58,14 @@ impl Api {
 
     /// A new `ORT_INVALID_ARGUMENT` status carrying `msg` (interior NULs are replaced).
     pub(crate) fn error(&self, msg: &str) -> OrtStatusPtr {
+        self.status(OrtErrorCode::ORT_INVALID_ARGUMENT, msg)
+    }
+
+    /// A new status with `code` carrying `msg` (interior NULs are replaced).
+    pub(crate) fn status(&self, code: OrtErrorCode, msg: &str) -> OrtStatusPtr {
         let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
         // SAFETY: CreateStatus copies the NUL-terminated message; the runtime owns the result.
-        unsafe { (self.table.CreateStatus)(OrtErrorCode::ORT_INVALID_ARGUMENT, msg.as_ptr()) }
+        unsafe { (self.table.CreateStatus)(code, msg.as_ptr()) }
     }
 
     /// `Ok` for a null status; otherwise the status's message (the status is released).
@@ -205,6 +210,41 @@ impl Api {
             self.check(st).map_err(|e| attr_error(name, "ints/floats", &e))?;
         }
         Ok(Some(v))
+    }
+}
+
+/// An error for the runtime with its status code: bad input and attributes are
+/// `ORT_INVALID_ARGUMENT` (what a plain `String` error becomes), failures of the device are
+/// `ORT_EP_FAIL` and internal ones `ORT_FAIL`.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) code: OrtErrorCode,
+    pub(crate) msg: String,
+}
+
+impl Failure {
+    /// An execution provider (CUDA) failure.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn ep(msg: impl Into<String>) -> Self {
+        Failure { code: OrtErrorCode::ORT_EP_FAIL, msg: msg.into() }
+    }
+
+    /// A failure that is neither the caller's input nor the device (e.g. no compute stream).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn fail(msg: impl Into<String>) -> Self {
+        Failure { code: OrtErrorCode::ORT_FAIL, msg: msg.into() }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Failure { code: OrtErrorCode::ORT_INVALID_ARGUMENT, msg }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(msg: &str) -> Self {
+        msg.to_string().into()
     }
 }
 

@@ -23,12 +23,12 @@
 //! inference (`InferOutputShapeFn`) is registered; at 16 it is not, and a model must then
 //! declare GhostShift outputs' types in `value_info`.
 //!
-//! If the runtime offers none of those versions there is no API to make an `OrtStatus` with
-//! (a status is an opaque object only the runtime can allocate), so `RegisterCustomOps` prints
-//! a message to stderr and returns null without registering anything: loading a model that uses
-//! GhostShift then fails cleanly at session creation ("no schema/kernel for GhostShift").
-//! A null `options` or `api_base` is handled the same way (with an error status when an API
-//! is available).
+//! If the runtime offers none of those versions (ONNX Runtime 1.15 and older), registration
+//! fails loudly: `RegisterCustomOps` prints why and returns an error status made with the
+//! newest older API the runtime has (`CreateStatus` is the first entry of every version's
+//! table), so `register_custom_ops_library` raises instead of a later "not a registered op".
+//! Only a runtime with no API at all (or a null `api_base`) gets null back, as nothing can make
+//! a status then. Null `options` give an error status.
 //!
 //! # Lifetime
 //! The op objects and the custom op domain must outlive every session that uses them. They are
@@ -38,6 +38,10 @@
 mod api;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(test, feature = "cuda"))]
+mod cuda_attrs;
+#[cfg(test)]
+mod cuda_host;
 mod op;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -57,6 +61,37 @@ pub const MAX_API_VERSION: u32 = ort_sys::ORT_API_VERSION;
 
 // The compiled-against version must cover the minimum and the shape inference fields.
 const _: () = assert!(MIN_API_VERSION <= MAX_API_VERSION && op::SHAPE_INFERENCE_API <= MAX_API_VERSION);
+
+/// Bytes that only a plugin built with the `cuda` feature contains: `--provider cuda` checks the
+/// plugin file for them ([`crate::runner::cuda_plugin`]) so a CPU-only build is an error, not a
+/// silent CPU placement. Kept here in masked form only, so that no other binary holds the plain
+/// marker by accident; [`CUDA_MARKER_LEN`] bytes, unmasked with [`unmask_cuda_marker`].
+pub const CUDA_MARKER_MASKED: [u8; CUDA_MARKER_LEN] = mask(*b"\0ghostsr-plugin-ep=CUDAExecutionProvider\0");
+/// Length of the CUDA marker.
+pub const CUDA_MARKER_LEN: usize = 41;
+const MARKER_MASK: u8 = 0x5a;
+
+const fn mask<const N: usize>(mut b: [u8; N]) -> [u8; N] {
+    let mut i = 0;
+    while i < N {
+        b[i] ^= MARKER_MASK;
+        i += 1;
+    }
+    b
+}
+
+/// The plain CUDA marker (computed at run time, see [`CUDA_MARKER_MASKED`]).
+pub fn unmask_cuda_marker() -> [u8; CUDA_MARKER_LEN] {
+    let mut b = CUDA_MARKER_MASKED;
+    for v in &mut b {
+        *v ^= std::hint::black_box(MARKER_MASK);
+    }
+    b
+}
+
+/// The marker itself, in the CUDA build's read-only data.
+#[cfg(feature = "cuda")]
+static CUDA_MARKER: [u8; CUDA_MARKER_LEN] = mask(CUDA_MARKER_MASKED);
 
 /// One runtime's registration: its API, op objects and domain, kept for the process lifetime.
 struct Registered {
@@ -86,10 +121,16 @@ pub unsafe extern "C" fn RegisterCustomOps(
     let api = match catch_unwind(|| unsafe { negotiate(api_base) }) {
         Ok(Some(api)) => api,
         Ok(None) | Err(_) => {
-            eprintln!(
-                "ghostsr: RegisterCustomOps: the ONNX Runtime offers no C API version in [{MIN_API_VERSION}, {MAX_API_VERSION}]; GhostShift was not registered"
+            let msg = format!(
+                "ghostsr: libghostsr needs ONNX Runtime 1.16 or newer (C API version {MIN_API_VERSION} to {MAX_API_VERSION}); this runtime offers none of those, so GhostShift was not registered"
             );
-            return ptr::null_mut();
+            eprintln!("{msg}");
+            // SAFETY: forwarded from the caller.
+            return match catch_unwind(|| unsafe { older_api(api_base) }) {
+                Ok(Some(old)) => old.error(&msg).0,
+                // No API at all (or a null base): nothing can make a status.
+                _ => ptr::null_mut(),
+            };
         }
     };
     // SAFETY: forwarded from the caller.
@@ -116,6 +157,21 @@ unsafe fn negotiate(api_base: *const OrtApiBase) -> Option<Api> {
     (MIN_API_VERSION..=MAX_API_VERSION).rev().find_map(|v| {
         // SAFETY: GetApi accepts any version and returns null for unknown ones; a non-null
         // result is the runtime's static table.
+        unsafe { Api::new((base.GetApi)(v), v) }
+    })
+}
+
+/// Any API version below [`MIN_API_VERSION`] the runtime offers (ONNX Runtime 1.15 and older),
+/// newest first: only to make the error status with `CreateStatus`, the first entry of every
+/// version's table.
+///
+/// # Safety
+/// `api_base` must be null or the runtime's `OrtApiBase`.
+unsafe fn older_api(api_base: *const OrtApiBase) -> Option<Api> {
+    // SAFETY: caller guarantees null or a valid OrtApiBase.
+    let base = unsafe { api_base.as_ref() }?;
+    (1..MIN_API_VERSION).rev().find_map(|v| {
+        // SAFETY: as in `negotiate`; `Api::error` calls only `CreateStatus`, which every version has.
         unsafe { Api::new((base.GetApi)(v), v) }
     })
 }
@@ -158,6 +214,10 @@ unsafe fn register(api: Api, options: *mut OrtSessionOptions) -> Result<(), Stri
 
 /// One op object per (element type, execution provider).
 fn ops_for(api: Api) -> Vec<GhostShiftOp> {
+    // Keeps the marker in the shared object (reachable from RegisterCustomOps, so the linker
+    // cannot drop it).
+    #[cfg(feature = "cuda")]
+    std::hint::black_box(&CUDA_MARKER);
     let providers = [
         Provider::Cpu,
         #[cfg(feature = "cuda")]
@@ -179,6 +239,13 @@ mod tests {
 
     unsafe extern "system" fn version_string() -> *const std::ffi::c_char {
         c"0.0.0".as_ptr()
+    }
+
+    #[test]
+    fn the_cuda_marker_unmasks() {
+        assert_eq!(&unmask_cuda_marker(), b"\0ghostsr-plugin-ep=CUDAExecutionProvider\0");
+        #[cfg(feature = "cuda")]
+        assert_eq!(CUDA_MARKER, unmask_cuda_marker());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use ort_sys::{
     OrtTypeInfo, OrtValue,
 };
 
-use super::api::{Api, ort_elem, ort_elem_raw};
+use super::api::{Api, Failure, ort_elem, ort_elem_raw};
 use crate::ops::{ElemType, GHOST_SHIFT, GhostShiftAttrs};
 
 /// The execution provider an op object is registered for.
@@ -116,12 +116,19 @@ fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
 }
 
-/// Runs `f`, turning `Err` and panics into error statuses made with `api`.
-fn guard_status(api: Api, f: impl FnOnce() -> Result<(), String>) -> OrtStatusPtr {
+/// Runs `f`, turning `Err` and panics into error statuses made with `api` (a `String` error is
+/// `ORT_INVALID_ARGUMENT`; see [`Failure`]).
+fn guard_status<E: Into<Failure>>(api: Api, f: impl FnOnce() -> Result<(), E>) -> OrtStatusPtr {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => OrtStatusPtr(ptr::null_mut()),
-        Ok(Err(msg)) => api.error(&msg),
-        Err(panic) => api.error(&format!("GhostShift: internal error (panic: {})", panic_text(&panic))),
+        Ok(Err(e)) => {
+            let e = e.into();
+            api.status(e.code, &e.msg)
+        }
+        Err(panic) => api.status(
+            ort_sys::OrtErrorCode::ORT_FAIL,
+            &format!("GhostShift: internal error (panic: {})", panic_text(&panic)),
+        ),
     }
 }
 
@@ -223,7 +230,8 @@ unsafe extern "system" fn create_kernel_v2(
         }
         #[cfg(feature = "cuda")]
         let device_attrs = match this.provider {
-            Provider::Cuda => Some(super::cuda::DeviceAttrs::upload(&attrs)?),
+            // Packed now, uploaded at the first compute on the input's device and stream.
+            Provider::Cuda => Some(super::cuda::DeviceAttrs::new(&attrs)?),
             Provider::Cpu => None,
         };
         let k = Box::new(Kernel {
@@ -250,16 +258,50 @@ unsafe fn read_attrs(api: Api, info: *const OrtKernelInfo) -> Result<GhostShiftA
     let names = GHOST_SHIFT.attrs;
     // SAFETY: forwarded from the caller.
     let (sources, shifts, scales, biases) = unsafe {
-        (
-            api.kernel_attr_i64s(info, names.sources)?,
-            api.kernel_attr_i64s(info, names.shifts)?,
-            api.kernel_attr_f32s(info, names.scales)?,
-            api.kernel_attr_f32s(info, names.biases)?,
-        )
+        let ints = |n: &CStr| {
+            let v = api.kernel_attr_i64s(info, n)?;
+            let other = || api.kernel_attr_f32s(info, n).ok().flatten().map_or(0, |v| v.len());
+            of_kind(n, "ints", v, other)
+        };
+        let floats = |n: &CStr| {
+            let v = api.kernel_attr_f32s(info, n)?;
+            let other = || api.kernel_attr_i64s(info, n).ok().flatten().map_or(0, |v| v.len());
+            of_kind(n, "floats", v, other)
+        };
+        (ints(names.sources)?, ints(names.shifts)?, floats(names.scales)?, floats(names.biases)?)
     };
-    let sources = sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
+    let sources = non_empty(sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?)?;
     let shifts = shifts.ok_or("GhostShift: required attribute 'shifts' (ints) is missing")?;
     GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)
+}
+
+/// The runtime's typed attribute getters copy the list of the requested kind whatever the
+/// attribute's type, so `sources` given as FLOATS reads as an empty ints list (and GhostShift
+/// would output 0 channels). An empty list whose other kind (`other_len`) is not empty is a
+/// wrongly typed attribute: an error naming it.
+fn of_kind<T>(
+    name: &CStr,
+    want: &str,
+    v: Option<Vec<T>>,
+    other_len: impl FnOnce() -> usize,
+) -> Result<Option<Vec<T>>, String> {
+    if v.as_ref().is_some_and(Vec::is_empty) && other_len() > 0 {
+        let got = if want == "ints" { "floats" } else { "ints" };
+        return Err(format!(
+            "GhostShift: attribute '{}' must be {want}, but the node gives {got}",
+            name.to_string_lossy()
+        ));
+    }
+    Ok(v)
+}
+
+/// An empty `sources` would make a GhostShift with no output channels; it is also how an
+/// attribute of another type (a single INT, a STRING) reads through the typed getters.
+fn non_empty(sources: Vec<i64>) -> Result<Vec<i64>, String> {
+    if sources.is_empty() {
+        return Err("GhostShift: attribute 'sources' is empty or not an ints attribute; it must list at least one channel".into());
+    }
+    Ok(sources)
 }
 
 /// The dims of input X as the graph declares them (-1 for unknown), when it declares a shape.
@@ -317,7 +359,7 @@ unsafe extern "system" fn kernel_compute_v2(
 ///
 /// # Safety
 /// `ctx` must be the live kernel context of the current call.
-unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> {
+unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), Failure> {
     let api = k.api;
     let t = api.t();
     let mut input: *const OrtValue = ptr::null();
@@ -339,13 +381,15 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
         return Err(format!(
             "GhostShift: input X has element type {got}; this kernel is for {} (supported: float, float16)",
             k.elem.name()
-        ));
+        )
+        .into());
     }
     if dims.len() != 4 {
         return Err(format!(
             "GhostShift: input X must have rank 4 [N, C_i, H, W], got rank {} (shape {dims:?})",
             dims.len()
-        ));
+        )
+        .into());
     }
     let mut d = [0usize; 4];
     for (slot, &v) in d.iter_mut().zip(&dims) {
@@ -394,15 +438,20 @@ unsafe fn compute(k: &Kernel, ctx: *mut OrtKernelContext) -> Result<(), String> 
                     ),
                 }
             }
+            .map_err(Failure::from)
         }
         #[cfg(feature = "cuda")]
         Provider::Cuda => {
-            let dev = k.device_attrs.as_ref().ok_or("GhostShift: CUDA kernel without device attributes")?;
+            let dev = k
+                .device_attrs
+                .as_ref()
+                .ok_or_else(|| Failure::fail("GhostShift: CUDA kernel without device attributes"))?;
             let mut stream: *mut c_void = ptr::null_mut();
             // SAFETY: ctx is live; the stream handle belongs to the runtime.
-            api.check(unsafe { (t.KernelContext_GetGPUComputeStream)(ctx, &mut stream) })?;
+            api.check(unsafe { (t.KernelContext_GetGPUComputeStream)(ctx, &mut stream) })
+                .map_err(Failure::fail)?;
             // SAFETY: xp / yp are device buffers of the checked type and sizes (CUDA EP, default
-            // memory type); `dev` holds C_g entries per array.
+            // memory type); `dev` holds C_g records.
             unsafe { dev.launch(k.elem, xp, yp, d, stream) }
         }
     }
@@ -447,11 +496,22 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         let sym = api.symbolic_dims(info, dims.len())?;
         let ints = OrtOpAttrType::ORT_OP_ATTR_INTS;
         let floats = OrtOpAttrType::ORT_OP_ATTR_FLOATS;
-        let sources = api.infer_attr::<i64>(ctx, names.sources, ints)?;
-        let shifts = api.infer_attr::<i64>(ctx, names.shifts, ints)?;
-        let scales = api.infer_attr::<f32>(ctx, names.scales, floats)?;
-        let biases = api.infer_attr::<f32>(ctx, names.biases, floats)?;
-        let sources = sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?;
+        let read_ints = |n: &CStr| {
+            let v = api.infer_attr::<i64>(ctx, n, ints)?;
+            let other = || api.infer_attr::<f32>(ctx, n, floats).ok().flatten().map_or(0, |v| v.len());
+            of_kind(n, "ints", v, other)
+        };
+        let read_floats = |n: &CStr| {
+            let v = api.infer_attr::<f32>(ctx, n, floats)?;
+            let other = || api.infer_attr::<i64>(ctx, n, ints).ok().flatten().map_or(0, |v| v.len());
+            of_kind(n, "floats", v, other)
+        };
+        let sources = read_ints(names.sources)?;
+        let shifts = read_ints(names.shifts)?;
+        let scales = read_floats(names.scales)?;
+        let biases = read_floats(names.biases)?;
+        let sources =
+            non_empty(sources.ok_or("GhostShift: required attribute 'sources' (ints) is missing")?)?;
         let shifts = shifts.ok_or("GhostShift: required attribute 'shifts' (ints) is missing")?;
         (ty, dims, sym, GhostShiftAttrs::from_flat(sources, &shifts, scales, biases)?)
     };

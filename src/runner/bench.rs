@@ -44,8 +44,9 @@ pub struct BenchArgs {
     /// Untimed warm-up runs per model.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// GhostShift plugin library (default: libghostsr.so next to this executable, then
-    /// target/release/libghostsr.so); loaded automatically for models in the ai.ghostsr domain.
+    /// GhostShift plugin library (default: libghostsr.so next to this executable, in the ghostsr
+    /// Python package, then target/release/libghostsr.so); loaded automatically for models in
+    /// the ai.ghostsr domain.
     #[arg(long)]
     pub plugin: Option<PathBuf>,
     /// Print one JSON object instead of text.

@@ -33,8 +33,9 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// GhostShift plugin library (default: libghostsr.so next to this executable, then
-    /// target/release/libghostsr.so); loaded automatically for models in the ai.ghostsr domain.
+    /// GhostShift plugin library (default: libghostsr.so next to this executable, in the ghostsr
+    /// Python package, then target/release/libghostsr.so); loaded automatically for models in
+    /// the ai.ghostsr domain.
     #[arg(long)]
     pub plugin: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (0: one per physical core).

@@ -1,4 +1,5 @@
-//! ONNX Runtime sessions: the runtime is loaded once from `ORT_DYLIB_PATH`; every session gets
+//! ONNX Runtime sessions: the runtime is loaded once (from `ORT_DYLIB_PATH`, else found beside
+//! the executable or on the system: [`super::locate`]); every session gets
 //! a thread count, flush-to-zero/denormals-as-zero, an execution provider, and the GhostShift
 //! plugin (`libghostsr.so`) whenever the model's `opset_import` declares the `ai.ghostsr` domain.
 
@@ -15,8 +16,7 @@ use prost::Message;
 
 use crate::onnx::ModelProto;
 
-/// Environment variable naming the ONNX Runtime shared library.
-pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+pub use super::locate::ORT_DYLIB_ENV;
 
 /// File name of the GhostShift plugin (the crate's cdylib).
 pub const PLUGIN_FILE: &str = "libghostsr.so";
@@ -48,25 +48,27 @@ pub(crate) fn ort_err<R>(e: ort::Error<R>) -> anyhow::Error {
     anyhow!("ONNX Runtime: {}", e.message())
 }
 
-/// The process-wide ONNX Runtime environment, loading the library from `ORT_DYLIB_PATH` on the
-/// first call.
+/// The process-wide ONNX Runtime environment, loading the library on the first call from
+/// `ORT_DYLIB_PATH` or, when that is unset, from where [`super::locate::find_ort`] finds it.
 pub fn environment() -> Result<&'static Environment> {
     static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
     ENV.get_or_init(|| init_environment().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow!("{e}"))
 }
 
 fn init_environment() -> Result<Environment> {
-    const HINT: &str = "set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1, e.g. from \
-        `pip install onnxruntime==1.31.1` (site-packages/onnxruntime/capi/)";
-    let path = match std::env::var_os(ORT_DYLIB_ENV) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => bail!("{ORT_DYLIB_ENV} is not set: {HINT}"),
-    };
-    if !path.is_file() {
-        bail!("{ORT_DYLIB_ENV}={} does not exist: {HINT}", path.display());
-    }
-    let builder =
-        ort::init_from(&path).map_err(|e| anyhow!("loading ONNX Runtime from {}: {e}", path.display()))?;
+    let exe = std::env::current_exe().ok();
+    let (path, source) = super::locate::find_ort(
+        std::env::var_os(ORT_DYLIB_ENV).as_deref(),
+        exe.as_deref(),
+        &super::locate::system_lib_dirs(),
+    )?;
+    let builder = ort::init_from(&path).map_err(|e| {
+        anyhow!(
+            "loading ONNX Runtime from {} ({source}): {e} (ghostsr needs {})",
+            path.display(),
+            super::locate::ORT_REQUIREMENT
+        )
+    })?;
     builder
         .with_name("ghostsr")
         .build()
@@ -81,14 +83,18 @@ pub fn declares_ghost_domain(model_bytes: &[u8]) -> Result<bool> {
 }
 
 /// Candidate plugin paths, in search order: `explicit` alone when given, otherwise
-/// `libghostsr.so` next to the running executable, then `target/release/libghostsr.so`.
+/// `libghostsr.so` next to the running executable, in the `ghostsr` Python package of its
+/// environment (a pip install), then `target/release/libghostsr.so`.
 pub fn plugin_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = explicit {
         return vec![p.to_path_buf()];
     }
     let mut out = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        out.push(dir.join(PLUGIN_FILE));
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        // Next to the executable, then in the `ghostsr` package of its Python environment.
+        out.extend(super::locate::plugin_near_exe(&exe, PLUGIN_FILE));
         // Test and example binaries live in target/<profile>/deps/.
         if dir.file_name().is_some_and(|n| n == "deps")
             && let Some(up) = dir.parent()
@@ -203,7 +209,14 @@ pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
     // Held from registering the plugin until the session exists: see `plugin_registration_lock`.
     let mut _registering = None;
     if needs_plugin || cfg.plugin.is_some() {
-        let plugin = find_plugin(cfg.plugin.as_deref())?;
+        let plugin = if cfg.provider == Provider::Cuda && needs_plugin {
+            // GhostShift must run on the GPU: a CUDA-capable plugin, and no CPU placement.
+            builder =
+                builder.with_config_entry(super::cuda_plugin::DISABLE_CPU_FALLBACK, "1").map_err(ort_err)?;
+            super::cuda_plugin::find_cuda_plugin(cfg.plugin.as_deref())?
+        } else {
+            find_plugin(cfg.plugin.as_deref())?
+        };
         _registering = Some(plugin_registration_lock());
         builder = builder
             .with_operator_library(&plugin)

@@ -24,8 +24,9 @@ pub struct UpscaleArgs {
     /// otherwise it must match the model's own factor.
     #[arg(long)]
     pub scale: Option<usize>,
-    /// GhostShift plugin library (default: libghostsr.so next to this executable, then
-    /// target/release/libghostsr.so); loaded automatically for models in the ai.ghostsr domain.
+    /// GhostShift plugin library (default: libghostsr.so next to this executable, in the ghostsr
+    /// Python package, then target/release/libghostsr.so); loaded automatically for models in
+    /// the ai.ghostsr domain.
     #[arg(long)]
     pub plugin: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (0: one per physical core).

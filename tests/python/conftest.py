@@ -185,23 +185,25 @@ def _as_proto(model) -> onnx.ModelProto:
     return onnx.load(str(model))
 
 
-def model_input(model) -> tuple[str, int]:
-    """(name, channel count) of the model's single real input."""
+def model_input(model) -> tuple[str, int, int]:
+    """(name, channel count, fixed batch size or 0) of the model's single real input."""
     m = _as_proto(model)
     inits = {i.name for i in m.graph.initializer}
     inputs = [i for i in m.graph.input if i.name not in inits]
     assert len(inputs) == 1, [i.name for i in inputs]
     dims = inputs[0].type.tensor_type.shape.dim
-    return inputs[0].name, dims[1].dim_value
+    return inputs[0].name, dims[1].dim_value, dims[0].dim_value
 
 
 def feed_for(model) -> dict[str, np.ndarray]:
     """The crops batch in the form the model takes: RGB for 3-channel inputs, Y for 1-channel."""
-    name, channels = model_input(model)
+    name, channels, batch = model_input(model)
+    # A model exported with a fixed batch (RDN from Keras: batch 1) gets that many crops.
+    rows = slice(0, batch) if batch > 0 else slice(None)
     if channels == 3:
-        return {name: CROPS_RGB}
+        return {name: CROPS_RGB[rows]}
     if channels == 1:
-        return {name: CROPS_Y}
+        return {name: CROPS_Y[rows]}
     raise AssertionError(f"unexpected input channel count {channels}")
 
 
