@@ -16,13 +16,14 @@
 //! ghosts; their refit sums the normal equations of every use so far (re-solved at each use).
 
 pub mod budget;
+pub mod builtin;
 pub mod capture;
 pub mod data;
 pub mod fit;
+pub mod quality;
 pub mod refit;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
@@ -35,6 +36,7 @@ use crate::plan::kmeans::{self, PlanOptions};
 use crate::plan::{Ghost, LayerPlan, Plan};
 use crate::runner::sr::{Channels, Chw};
 use crate::weights::{WeightSet, WeightTensor};
+use data::ImageSource;
 use fit::{Maps, PairStats};
 use refit::ConvGeom;
 
@@ -177,9 +179,10 @@ pub fn calibrate(
     analysis: &Analysis,
     plan_opts: &PlanOptions,
     calib: &CalibOptions,
-    images: &Path,
+    images: impl Into<ImageSource>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<(Plan, WeightSet)> {
+    let images: ImageSource = images.into();
     let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
     let proto = &model.proto;
     let input = capture::input_name(proto)?;
@@ -228,7 +231,7 @@ pub fn calibrate(
     let mut session = capture::open(&capture::with_outputs(proto, &names)?, calib.threads)?;
     let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
-    let crops = data::crops(images, &calib.crop_spec(channels, scale, factor == 1))?;
+    let crops = data::crops(&images, &calib.crop_spec(channels, scale, factor == 1))?;
     let truth: HashMap<String, Maps> =
         names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
     drop(session);

@@ -11,6 +11,8 @@ use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
 use super::plan::make_plan;
 use crate::calib;
 use crate::calib::budget::BudgetReport;
+use crate::calib::data::ImageSource;
+use crate::calib::quality::{self, Quality};
 use crate::emit::{self, EmitMode};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{self, Policy};
@@ -76,6 +78,11 @@ struct ConvertSummary {
     /// With --max-psnr-drop or --target-macs: each layer's λ and the measured result.
     #[serde(skip_serializing_if = "Option::is_none")]
     budget: Option<BudgetReport>,
+    /// The ghost model against the original on held-out calibration crops (null when it could
+    /// not be measured; `quality_error` says why).
+    quality: Option<Quality>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quality_error: Option<String>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -85,6 +92,7 @@ struct Timings {
     plan: f64,
     emit: f64,
     save: f64,
+    quality: f64,
     total: f64,
 }
 
@@ -134,7 +142,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             (plan, None, None)
         }
-        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?,
+        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, true)?,
     };
     tick(&mut t.plan);
     // Refit weights from calibration replace the original initializers before the rewrite.
@@ -151,6 +159,18 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         model::write_atomic(p, plan.to_json().as_bytes(), opts)?;
     }
     tick(&mut t.save);
+    // Always measured, so that no conversion is silently broken: on the calibration images
+    // (the built-in set unless --calib names a folder), other windows than the fits used.
+    let images = a.calib.source(true).unwrap_or(ImageSource::Builtin);
+    let (quality, quality_error) =
+        match quality::measure(&m, &analysis, &plan, weights.as_ref(), &a.calib.options(), &images) {
+            Ok(q) => (Some(q), None),
+            Err(e) => {
+                eprintln!("ghostsr: WARNING: the ghost model's quality was NOT measured: {e:#}");
+                (None, Some(format!("{e:#}")))
+            }
+        };
+    tick(&mut t.quality);
     t.total = t0.elapsed().as_secs_f64();
 
     let before = report::inspect("", &m.proto, &index, &analysis);
@@ -171,9 +191,15 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         absorbed: emitted.absorbed,
         seconds: t,
         budget,
+        quality,
+        quality_error,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
+        // The warning goes to stderr too, where a script's user sees it.
+        if let Some(q) = summary.quality.as_ref().filter(|q| q.is_bad()) {
+            eprint!("{}", quality::warning(q));
+        }
     } else {
         print_summary(&summary);
     }
@@ -228,7 +254,14 @@ fn print_summary(s: &ConvertSummary) {
     }
     let t = &s.seconds;
     println!(
-        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2})",
-        t.total, t.load, t.analyse, t.plan, t.emit, t.save
+        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2}, quality {:.2})",
+        t.total, t.load, t.analyse, t.plan, t.emit, t.save, t.quality
     );
+    if let Some(q) = &s.quality {
+        let text = quality::render(q);
+        // The summary line on stdout; the warning, if any, on stderr.
+        let (line, warning) = text.split_at(text.find("ghostsr: WARNING").unwrap_or(text.len()));
+        print!("{line}");
+        eprint!("{warning}");
+    }
 }

@@ -2,7 +2,7 @@
 //! budget) and write the plan as JSON, optionally with the weights a trainer starts from.
 //! [`make_plan`] is the one place that turns the planning flags into a plan; `convert` uses it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -11,6 +11,7 @@ use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
 use super::progress::{progress, staged_progress};
 use crate::calib;
 use crate::calib::budget::BudgetReport;
+use crate::calib::data::ImageSource;
 use crate::graph::GraphIndex;
 use crate::graph::analysis;
 use crate::model::{self, WriteOptions};
@@ -43,7 +44,8 @@ pub struct PlanArgs {
     pub policy: PolicyArgs,
 }
 
-/// A plan (and calibration's refit weights, and the budget's report) as the flags ask.
+/// A plan (and calibration's refit weights, and the budget's report) as the flags ask; without
+/// `--calib` and `--kmeans`, `builtin_by_default` calibrates on the built-in image set.
 pub fn make_plan(
     m: &model::Model,
     index: &GraphIndex<'_>,
@@ -51,6 +53,7 @@ pub fn make_plan(
     p: &PlanningArgs,
     c: &CalibArgs,
     b: &BudgetArgs,
+    builtin_by_default: bool,
 ) -> Result<(Plan, Option<WeightSet>, Option<BudgetReport>)> {
     if analysis.eligible().next().is_none() {
         bail!(
@@ -59,8 +62,8 @@ pub fn make_plan(
             m.path.display()
         );
     }
-    let what = |dir: &Path| format!("calibrating {} on {}", m.path.display(), dir.display());
-    match (&c.calib, b.budget()) {
+    let what = |src: &ImageSource| format!("calibrating {} on {}", m.path.display(), src.describe());
+    match (&c.source(builtin_by_default), b.budget()) {
         (Some(dir), Some(budget)) => {
             let (plan, weights, report) = calib::budget::calibrate_to_budget(
                 m,
@@ -89,7 +92,7 @@ pub fn make_plan(
             .with_context(|| what(dir))?;
             Ok((plan, Some(weights), None))
         }
-        (None, Some(_)) => bail!("--max-psnr-drop and --target-macs need --calib DIR"),
+        (None, Some(_)) => bail!("--max-psnr-drop and --target-macs calibrate: they need --calib DIR here"),
         (None, None) => Ok((
             kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?,
             None,
@@ -111,7 +114,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let m = model::load(&a.model)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
-    let (plan, refit, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?;
+    let (plan, refit, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, false)?;
     let refit = refit.filter(|w| !w.tensors.is_empty());
     let exported = match &a.export_weights {
         Some(_) => {
