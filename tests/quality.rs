@@ -74,3 +74,53 @@ fn a_missing_onnx_runtime_is_a_clear_error_for_the_default_convert() {
     assert!(err.contains(ORT_DYLIB_ENV) && err.contains("no-such-libonnxruntime.so"), "{err}");
     assert!(!dir.path().join("out.onnx").exists());
 }
+
+/// The per-layer guard undoes a ghosted layer whose own damage to the output, on validation
+/// crops, is over the limit: at 1 dB every layer passes (and its damage is measured); at 300 dB
+/// (no layer can be that harmless) every layer that changes the output is undone, the plan
+/// keeps none of them and the weights stay the original's.
+#[test]
+fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
+    use ghostsr::calib::{CalibOptions, calibrate_with_report, data::ImageSource};
+    use ghostsr::graph::GraphIndex;
+    use ghostsr::graph::analysis::{Policy, analyze};
+    use ghostsr::plan::kmeans::PlanOptions;
+
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
+    );
+    let m = ghostsr::model::load(&fixture()).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+    let run = |guard_db: f64| {
+        let c = CalibOptions { count: 4, size: 32, samples: 4096, guard_db, ..Default::default() };
+        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {}).unwrap()
+    };
+    let (lax, _, lax_report) = run(1.0);
+    assert!(!lax.layers.is_empty());
+    assert_eq!(lax_report.layers.len(), lax.layers.len());
+    assert!(lax_report.layers.iter().all(|l| l.kept));
+    assert!(lax_report.layers.iter().any(|l| l.damage_fidelity_db.is_some()), "no damage was measured");
+
+    let (strict, weights, report) = run(300.0);
+    let harmful: Vec<_> = report.layers.iter().filter(|l| l.damage_fidelity_db.is_some()).collect();
+    assert!(!harmful.is_empty());
+    assert!(harmful.iter().all(|l| !l.kept), "{report:?}");
+    let kept: Vec<_> = report.layers.iter().filter(|l| l.kept).map(|l| &l.conv_output).collect();
+    let planned: Vec<_> = strict.layers.iter().map(|l| &l.conv_output).collect();
+    assert_eq!(kept.len(), planned.len());
+    assert!(kept.iter().all(|k| planned.contains(k)));
+    // Undone layers leave no refit weights behind (only Convs that stay, refit after a kept
+    // ghosted layer, may carry some).
+    for l in report.layers.iter().filter(|l| !l.kept) {
+        let conv = analysis.conv_by_output(&l.conv_output).unwrap();
+        assert!(
+            !weights.tensors.contains_key(&conv.weight)
+                || kept
+                    .iter()
+                    .any(|k| { analysis.conv_by_output(k).is_some_and(|c| c.weight == conv.weight) })
+        );
+    }
+}

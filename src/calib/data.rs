@@ -92,6 +92,8 @@ impl From<&PathBuf> for ImageSource {
 pub const FIT_SEED: u64 = 0x5EED_CA11;
 /// See [`FIT_SEED`].
 pub const HELD_OUT_SEED: u64 = 0x0DD5_EED5;
+/// The seed of the windows calibration's per-layer guard measures on (see [`FIT_SEED`]).
+pub const GUARD_SEED: u64 = 0x6A4D_5EED;
 use crate::runner::sr::{Channels, Chw};
 
 /// The `size` x `size` window of `img` at `(y0, x0)`.

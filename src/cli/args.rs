@@ -128,6 +128,11 @@ pub struct CalibArgs {
     /// Calibration: input patches sampled per layer for the refit.
     #[arg(long, value_name = "N", default_value_t = 32768, conflicts_with = "kmeans")]
     pub calib_samples: usize,
+    /// Calibration: undo a ghosted layer whose own damage to the network output, on validation
+    /// crops the fits never saw, exceeds the output error of this fidelity (PSNR-Y dB of the
+    /// output against the original's; 47 ≈ 0.5 dB of PSNR lost by that layer alone); 0: off.
+    #[arg(long, value_name = "DB", default_value_t = CalibOptions::default().guard_db, conflicts_with = "kmeans")]
+    pub calib_guard_db: f64,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -157,6 +162,7 @@ impl CalibArgs {
             ridge: self.calib_ridge,
             threads: self.calib_threads,
             samples: self.calib_samples,
+            guard_db: self.calib_guard_db,
             ..CalibOptions::default()
         }
     }

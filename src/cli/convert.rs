@@ -10,6 +10,7 @@ use clap::Args;
 use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
 use super::plan::make_plan;
 use crate::calib;
+use crate::calib::CalibReport;
 use crate::calib::budget::BudgetReport;
 use crate::calib::data::ImageSource;
 use crate::calib::quality::{self, Quality};
@@ -83,6 +84,9 @@ struct ConvertSummary {
     quality: Option<Quality>,
     #[serde(skip_serializing_if = "Option::is_none")]
     quality_error: Option<String>,
+    /// Calibration's per-layer decisions (what the guard kept and undid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calibration: Option<CalibReport>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -135,12 +139,12 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     tick(&mut t.analyse);
-    let (plan, weights, budget) = match &a.plan {
+    let (plan, weights, budget, calibration) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
-            (plan, None, None)
+            (plan, None, None, None)
         }
         None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, true)?,
     };
@@ -193,6 +197,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         budget,
         quality,
         quality_error,
+        calibration,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
