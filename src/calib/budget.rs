@@ -147,6 +147,9 @@ pub fn calibrate_to_budget(
 
     let images: data::ImageSource = images.into();
     let probe = Probe::new(model, index, analysis, &units, calib, &images)?;
+    // The budget chooses each layer's λ from measured damage itself; the per-layer guard would
+    // undo layers behind its back.
+    let unguarded = CalibOptions { guard_db: 0.0, ..calib.clone() };
     let (damage, saved) = probe.sensitivity(&units, plan_opts, calib, progress)?;
     let sensitivity_seconds = t0.elapsed().as_secs_f64();
     let path = greedy_path(&damage, &saved);
@@ -155,7 +158,7 @@ pub fn calibrate_to_budget(
     let mut run = |state: &State| -> Result<(Plan, WeightSet, f64)> {
         calibrations += 1;
         let opts = options_for(plan_opts, &units, &state.levels);
-        let (plan, weights) = calibrate(model, index, analysis, &opts, calib, &images, &|d, t, _| {
+        let (plan, weights) = calibrate(model, index, analysis, &opts, &unguarded, &images, &|d, t, _| {
             progress(&format!("calibrating (try {calibrations})"), d, t)
         })?;
         let mse = probe.mse_vs_hr(&plan, &weights)?;
