@@ -100,21 +100,25 @@ fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
     };
     let (lax, _, lax_report) = run(1.0);
     assert!(!lax.layers.is_empty());
-    assert_eq!(lax_report.layers.len(), lax.layers.len());
-    assert!(lax_report.layers.iter().all(|l| l.kept));
+    let ghost_steps = |r: &ghostsr::calib::CalibReport| -> Vec<ghostsr::calib::LayerDecision> {
+        r.layers.iter().filter(|l| l.step == ghostsr::calib::Step::Ghost).cloned().collect()
+    };
+    assert_eq!(ghost_steps(&lax_report).len(), lax.layers.len());
+    assert!(ghost_steps(&lax_report).iter().all(|l| l.kept));
     assert!(lax_report.layers.iter().any(|l| l.damage_fidelity_db.is_some()), "no damage was measured");
 
     let (strict, weights, report) = run(300.0);
-    let harmful: Vec<_> = report.layers.iter().filter(|l| l.damage_fidelity_db.is_some()).collect();
+    let steps = ghost_steps(&report);
+    let harmful: Vec<_> = steps.iter().filter(|l| l.damage_fidelity_db.is_some()).collect();
     assert!(!harmful.is_empty());
     assert!(harmful.iter().all(|l| !l.kept), "{report:?}");
-    let kept: Vec<_> = report.layers.iter().filter(|l| l.kept).map(|l| &l.conv_output).collect();
+    let kept: Vec<_> = steps.iter().filter(|l| l.kept).map(|l| &l.conv_output).collect();
     let planned: Vec<_> = strict.layers.iter().map(|l| &l.conv_output).collect();
     assert_eq!(kept.len(), planned.len());
     assert!(kept.iter().all(|k| planned.contains(k)));
     // Undone layers leave no refit weights behind (only Convs that stay, refit after a kept
     // ghosted layer, may carry some).
-    for l in report.layers.iter().filter(|l| !l.kept) {
+    for l in steps.iter().filter(|l| !l.kept) {
         let conv = analysis.conv_by_output(&l.conv_output).unwrap();
         assert!(
             !weights.tensors.contains_key(&conv.weight)
@@ -122,5 +126,36 @@ fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
                     .iter()
                     .any(|k| { analysis.conv_by_output(k).is_some_and(|c| c.weight == conv.weight) })
         );
+    }
+}
+
+/// A refit that overfits is rejected: with one 12x12 crop (144 pixels, fewer equations than a
+/// 3x3 Conv's 289 unknowns per filter) and little ridge, refitting the Convs that stay fits
+/// the crop and not the validation crop; the guard undoes each such refit, and an undone refit
+/// leaves the Conv's original weights.
+#[test]
+fn an_overfitting_refit_is_rejected_on_the_validation_crops() {
+    use ghostsr::calib::{CalibOptions, Step, calibrate_with_report, data::ImageSource};
+    use ghostsr::graph::GraphIndex;
+    use ghostsr::graph::analysis::{Policy, analyze};
+    use ghostsr::plan::kmeans::PlanOptions;
+
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
+    );
+    let m = ghostsr::model::load(&fixture()).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+    let c = CalibOptions { count: 1, size: 12, ridge: 1e-4, guard_db: 1.0, ..Default::default() };
+    let (_, weights, report) =
+        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {})
+            .unwrap();
+    let refits: Vec<_> = report.layers.iter().filter(|l| l.step == Step::Refit).collect();
+    assert!(refits.iter().any(|l| !l.kept), "no refit was rejected: {report:?}");
+    for l in refits.iter().filter(|l| !l.kept) {
+        let conv = analysis.conv_by_output(&l.conv_output).unwrap();
+        assert!(!weights.tensors.contains_key(&conv.weight), "rejected refit of {} left weights", l.node);
     }
 }

@@ -181,12 +181,24 @@ fn probe_factor(session: &mut ort::session::Session, input: &str, c: usize, out:
     Ok(y[0].h / 16)
 }
 
-/// What calibration decided for one ghosted Conv.
+/// A calibration step the guard decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Ghosting a Conv (with its fits and the refit of its kept filters).
+    Ghost,
+    /// Refitting a Conv that stays whole to the original's output.
+    Refit,
+}
+
+/// What calibration decided for one step (a Conv ghosted, or a Conv that stays refit).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LayerDecision {
     pub node: String,
     pub conv_output: String,
-    /// Whether the ghosted layer was kept (false: the guard undid it; the Conv stays whole).
+    pub step: Step,
+    /// Whether the step was kept (false: the guard undid it; a ghosted Conv stays whole, a
+    /// refit Conv keeps its original weights).
     pub kept: bool,
     /// The layer's own damage to the network output on the validation crops, as a fidelity
     /// (PSNR-Y, dB, of the output with the layer against the output before it); null when the
@@ -276,7 +288,9 @@ pub fn calibrate_with_report(
                 && calib.refit_others
                 && c.node_index > first_ghost
                 && !matches!(c.verdict, Verdict::Unsupported(_))
-                && c.kernel == [1, 1]
+                // 3x3 refits overfit CARN-M's upsampler and exit Convs unguarded; the guard
+                // keeps each only where it lowers the validation error.
+                && (c.kernel == [1, 1] || calib.guard_db > 0.0)
                 && refittable(c))
             .then_some((None, c)),
         })
@@ -360,8 +374,29 @@ pub fn calibrate_with_report(
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
+            let before = guard.then(|| weights.clone());
             refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
                 .with_context(at)?;
+            if let Some(before) = before {
+                // Kept only if it lowers the output error on the validation crops.
+                let err = budget::mse(&planes(&done, &weights).with_context(at)?, &original_out)?;
+                let kept = err < err_so_far;
+                if kept {
+                    err_so_far = err;
+                } else {
+                    weights = before;
+                    if let Some(uses) = equations.get_mut(&conv.weight) {
+                        uses.pop();
+                    }
+                }
+                report.layers.push(LayerDecision {
+                    node: conv.node.clone(),
+                    conv_output: conv.output.clone(),
+                    step: Step::Refit,
+                    kept,
+                    damage_fidelity_db: None,
+                });
+            }
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
@@ -397,6 +432,7 @@ pub fn calibrate_with_report(
         let mut decision = LayerDecision {
             node: conv.node.clone(),
             conv_output: conv.output.clone(),
+            step: Step::Ghost,
             kept: true,
             damage_fidelity_db: None,
         };
@@ -426,7 +462,7 @@ pub fn calibrate_with_report(
         if kept {
             done.push(layer);
         }
-        progress(report.layers.len(), total, &conv.output);
+        progress(report.layers.iter().filter(|l| l.step == Step::Ghost).count(), total, &conv.output);
     }
     // The plan lists layers in the k-means plan's order.
     let order: HashMap<&str, usize> =

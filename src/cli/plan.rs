@@ -95,7 +95,7 @@ pub fn make_plan(
                 &progress("calibrating"),
             )
             .with_context(|| what(dir))?;
-            for l in report.layers.iter().filter(|l| !l.kept) {
+            for l in report.layers.iter().filter(|l| !l.kept && l.step == calib::Step::Ghost) {
                 eprintln!(
                     "ghostsr: left Conv \"{}\" whole: ghosting it alone cost fidelity {:.1} dB (guard {} dB)",
                     l.node,
