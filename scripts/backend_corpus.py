@@ -9,7 +9,7 @@ For every model:
   1. `ghostsr convert MODEL --plan EMPTY` (an empty plan): must exit 0 or 1 (a clean refusal),
      never 101 (a panic), a signal, or past the timeout; when it succeeds, the output must be
      byte for byte the input.
-  2. when the main graph has Convs: `convert --emit standard --include <every Conv>` (forced
+  2. when the main graph has Convs: `convert --emit standard --kmeans --include <every Conv>` (forced
      ghosting); a converted model must pass `onnx.checker.check_model` and, when the original
      runs in onnxruntime on its test feed, run on that same feed.
 
@@ -136,7 +136,7 @@ def check_one(binary: Path, plan: Path, model_path: Path, work: Path) -> dict:
     convs = [n for n in model.graph.node if n.op_type == "Conv" and n.output and n.output[0]]
     if not convs:
         return res
-    args = ["convert", name, "--emit", "standard", "-o", str(work / "ghost.onnx"), "--force", "--json"]
+    args = ["convert", name, "--emit", "standard", "--kmeans", "-o", str(work / "ghost.onnx"), "--force", "--json"]
     for n in convs:
         args += ["--include", n.output[0]]
     status, tail, stdout = ghostsr(binary, args)

@@ -88,8 +88,8 @@ fn export_then_apply_is_identical_and_edits_reach_the_model() {
     }
     // Without --plan the weights apply before planning: same weights, same plan, same model.
     let (a, b) = (d("a.auto.onnx"), d("b.auto.onnx"));
-    ok(&["convert", s(&fx), "-o", s(&a)]);
-    ok(&["convert", s(&fx), "--weights", s(&w_p), "-o", s(&b)]);
+    ok(&["convert", s(&fx), "--kmeans", "-o", s(&a)]);
+    ok(&["convert", s(&fx), "--kmeans", "--weights", s(&w_p), "-o", s(&b)]);
     assert!(fs::read(&a).unwrap() == fs::read(&b).unwrap());
 
     // A trainer's edit: scale one intrinsic filter by 2 and shift its bias by 1; change a ghost's

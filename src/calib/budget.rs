@@ -18,7 +18,6 @@
 //! set (`ghostsr eval`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -132,7 +131,7 @@ pub fn calibrate_to_budget(
     analysis: &Analysis,
     plan_opts: &PlanOptions,
     calib: &CalibOptions,
-    images: &Path,
+    images: impl Into<data::ImageSource>,
     budget: Budget,
     progress: &(dyn Fn(&str, usize, usize) + Sync),
 ) -> Result<(Plan, WeightSet, BudgetReport)> {
@@ -146,7 +145,11 @@ pub fn calibrate_to_budget(
     let total_macs: u64 = report::node_macs(index, &analysis.shapes).values().sum();
     ensure!(total_macs > 0, "the model's multiply-adds are unknown (shape inference failed)");
 
-    let probe = Probe::new(model, index, analysis, &units, calib, images)?;
+    let images: data::ImageSource = images.into();
+    let probe = Probe::new(model, index, analysis, &units, calib, &images)?;
+    // The budget chooses each layer's λ from measured damage itself; the per-layer guard would
+    // undo layers behind its back.
+    let unguarded = CalibOptions { guard_db: 0.0, ..calib.clone() };
     let (damage, saved) = probe.sensitivity(&units, plan_opts, calib, progress)?;
     let sensitivity_seconds = t0.elapsed().as_secs_f64();
     let path = greedy_path(&damage, &saved);
@@ -155,7 +158,7 @@ pub fn calibrate_to_budget(
     let mut run = |state: &State| -> Result<(Plan, WeightSet, f64)> {
         calibrations += 1;
         let opts = options_for(plan_opts, &units, &state.levels);
-        let (plan, weights) = calibrate(model, index, analysis, &opts, calib, images, &|d, t, _| {
+        let (plan, weights) = calibrate(model, index, analysis, &opts, &unguarded, &images, &|d, t, _| {
             progress(&format!("calibrating (try {calibrations})"), d, t)
         })?;
         let mse = probe.mse_vs_hr(&plan, &weights)?;
@@ -368,7 +371,7 @@ impl<'m> Probe<'m> {
         analysis: &'m Analysis,
         units: &[Unit],
         calib: &CalibOptions,
-        images: &Path,
+        images: &data::ImageSource,
     ) -> Result<Self> {
         let proto = &model.proto;
         let input = capture::input_name(proto)?;
@@ -509,7 +512,7 @@ impl<'m> Probe<'m> {
 
 /// Y planes (8-bit scale, shaved) of a model output: RGB in [0, 1] is rounded to 8 bits first,
 /// as the evaluation protocol does; a one-channel output is Y / 255.
-fn y_planes(out: &Maps, shave: usize) -> Result<Vec<Plane>> {
+pub(crate) fn y_planes(out: &Maps, shave: usize) -> Result<Vec<Plane>> {
     let hw = out.h * out.w;
     (0..out.n)
         .map(|k| {
@@ -539,7 +542,7 @@ fn y_planes(out: &Maps, shave: usize) -> Result<Vec<Plane>> {
 }
 
 /// Mean squared difference pooled over all planes.
-fn mse(a: &[Plane], b: &[Plane]) -> Result<f64> {
+pub(crate) fn mse(a: &[Plane], b: &[Plane]) -> Result<f64> {
     ensure!(a.len() == b.len(), "plane count mismatch");
     let (mut se, mut n) = (0.0f64, 0usize);
     for (x, y) in a.iter().zip(b) {

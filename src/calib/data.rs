@@ -11,9 +11,9 @@
 //! IMDN x2 it moves Set5 by about ±0.1 dB either way, the spread a different set of random crops
 //! gives, so the default stays 1 (BENCHMARKS.md, "What limits IMDN at λ = 0.25").
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256Plus;
 
@@ -21,6 +21,79 @@ use crate::runner::bicubic::imresize;
 use crate::runner::color::rgb_to_y;
 use crate::runner::eval::image_files;
 use crate::runner::image_io::{Image, load_rgb};
+
+/// Where calibration images come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// The PNG/JPEG files of a folder (sorted by name).
+    Dir(PathBuf),
+    /// The small set of redistributable natural images compiled into the binary
+    /// ([`super::builtin`]).
+    Builtin,
+}
+
+impl ImageSource {
+    /// How to name the source in messages.
+    pub fn describe(&self) -> String {
+        match self {
+            ImageSource::Dir(d) => d.display().to_string(),
+            ImageSource::Builtin => {
+                format!("the built-in calibration set ({} images)", super::builtin::IMAGES.len())
+            }
+        }
+    }
+
+    /// The number of images.
+    pub fn len(&self) -> Result<usize> {
+        match self {
+            ImageSource::Dir(d) => Ok(image_files(d)?.len()),
+            ImageSource::Builtin => Ok(super::builtin::IMAGES.len()),
+        }
+    }
+
+    /// Whether the source holds no image.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Image `i` of [`Self::len`], as 8-bit RGB, and its name for messages.
+    fn load(&self, i: usize) -> Result<(String, Image)> {
+        match self {
+            ImageSource::Dir(d) => {
+                let files = image_files(d)?;
+                let path = files.get(i).context("calibration image index out of range")?;
+                Ok((path.display().to_string(), load_rgb(path)?))
+            }
+            ImageSource::Builtin => super::builtin::load(i),
+        }
+    }
+}
+
+impl From<&Path> for ImageSource {
+    fn from(p: &Path) -> Self {
+        ImageSource::Dir(p.to_path_buf())
+    }
+}
+
+impl From<&ImageSource> for ImageSource {
+    fn from(s: &ImageSource) -> Self {
+        s.clone()
+    }
+}
+
+impl From<&PathBuf> for ImageSource {
+    fn from(p: &PathBuf) -> Self {
+        ImageSource::Dir(p.clone())
+    }
+}
+
+/// The seed of the fitting crops' windows; [`HELD_OUT_SEED`] draws other windows of the same
+/// images, to measure on crops the fits never saw.
+pub const FIT_SEED: u64 = 0x5EED_CA11;
+/// See [`FIT_SEED`].
+pub const HELD_OUT_SEED: u64 = 0x0DD5_EED5;
+/// The seed of the windows calibration's per-layer guard measures on (see [`FIT_SEED`]).
+pub const GUARD_SEED: u64 = 0x6A4D_5EED;
 use crate::runner::sr::{Channels, Chw};
 
 /// The `size` x `size` window of `img` at `(y0, x0)`.
@@ -61,8 +134,8 @@ pub struct CropSpec {
 
 /// `spec.count` crops. Images are taken evenly spread over the sorted folder (cycling when
 /// `count` exceeds it); candidate positions come from a fixed seed per crop.
-pub fn crops(dir: &Path, spec: &CropSpec) -> Result<Vec<Chw>> {
-    Ok(samples(dir, spec)?.into_iter().map(|s| s.lr).collect())
+pub fn crops(src: impl Into<ImageSource>, spec: &CropSpec) -> Result<Vec<Chw>> {
+    Ok(samples(src, spec)?.into_iter().map(|s| s.lr).collect())
 }
 
 /// Summed-area table of the squared Y difference between `hr` and `up` (same size), so the
@@ -90,17 +163,24 @@ fn window_sum(t: &[f64], width: usize, y0: usize, x0: usize, size: usize) -> f64
 }
 
 /// [`crops`] with their HR windows, to measure quality on the calibration images.
-pub fn samples(dir: &Path, spec: &CropSpec) -> Result<Vec<Sample>> {
+pub fn samples(src: impl Into<ImageSource>, spec: &CropSpec) -> Result<Vec<Sample>> {
+    samples_seeded(&src.into(), spec, FIT_SEED)
+}
+
+/// [`samples`] with the windows drawn from `seed` (crop `i` uses `seed + i`).
+pub fn samples_seeded(src: &ImageSource, spec: &CropSpec, seed: u64) -> Result<Vec<Sample>> {
     let CropSpec { count, size, candidates, channels, scale, pre_upsampled } = *spec;
     if count == 0 || size < 8 {
         bail!("calibration needs at least one crop of at least 8x8 pixels");
     }
-    let files = image_files(dir)?;
+    let n = src.len()?;
+    if n == 0 {
+        bail!("{} holds no PNG or JPEG image", src.describe());
+    }
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let pick = if count <= files.len() { i * files.len() / count } else { i % files.len() };
-        let path = &files[pick];
-        let hr = load_rgb(path)?;
+        let pick = if count <= n { i * n / count } else { i % n };
+        let (path, hr) = src.load(pick)?;
         let hr = hr.crop_top_left(hr.height / scale * scale, hr.width / scale * scale);
         let mut lr = imresize(&hr, 1.0 / scale as f64);
         if pre_upsampled {
@@ -109,14 +189,14 @@ pub fn samples(dir: &Path, spec: &CropSpec) -> Result<Vec<Sample>> {
         if lr.height < size || lr.width < size {
             bail!(
                 "calibration image {} is {}x{} after downscaling, smaller than --calib-size {size}",
-                path.display(),
+                path,
                 lr.width,
                 lr.height
             );
         }
         // The LR image of a pre-upsampled model has the HR image's size.
         let f = if pre_upsampled { 1 } else { scale };
-        let mut rng = Xoshiro256Plus::seed_from_u64(0x5EED_CA11 + i as u64);
+        let mut rng = Xoshiro256Plus::seed_from_u64(seed + i as u64);
         let mut draw = || (rng.gen_range(0..=lr.height - size), rng.gen_range(0..=lr.width - size));
         let (y0, x0) = if candidates <= 1 {
             draw()

@@ -16,13 +16,14 @@
 //! ghosts; their refit sums the normal equations of every use so far (re-solved at each use).
 
 pub mod budget;
+pub mod builtin;
 pub mod capture;
 pub mod data;
 pub mod fit;
+pub mod quality;
 pub mod refit;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
@@ -35,6 +36,7 @@ use crate::plan::kmeans::{self, PlanOptions};
 use crate::plan::{Ghost, LayerPlan, Plan};
 use crate::runner::sr::{Channels, Chw};
 use crate::weights::{WeightSet, WeightTensor};
+use data::ImageSource;
 use fit::{Maps, PairStats};
 use refit::ConvGeom;
 
@@ -69,6 +71,16 @@ pub struct CalibOptions {
     /// SR factor for pre-upsampled (VDSR-like) models, whose factor the graph does not say
     /// (default 2).
     pub scale: Option<usize>,
+    /// Per-layer guard (0: off): a ghosted layer whose own damage to the network output, measured
+    /// on validation crops the fits never saw, exceeds the MSE of this fidelity (PSNR-Y in dB of
+    /// the output against the original's, 8-bit scale) is undone and the Conv left whole. The
+    /// damage is the rise of the output error the layer causes in the partly ghosted network, so
+    /// it is in output units whatever the layer's feature scale. 47 dB is about 0.5 dB of PSNR
+    /// on a 37 dB model: no layer may cost that alone (RDN's global-fusion and upsampler Convs
+    /// cost 3-7 dB each; body layers of IMDN, CARN-M, RDN stay near 54 dB).
+    pub guard_db: f64,
+    /// Validation crops the guard measures on (at most `count`).
+    pub guard_count: usize,
 }
 
 impl Default for CalibOptions {
@@ -86,6 +98,8 @@ impl Default for CalibOptions {
             samples: 32768,
             threads: 0,
             scale: None,
+            guard_db: 47.0,
+            guard_count: 8,
         }
     }
 }
@@ -172,6 +186,38 @@ pub(crate) fn probe_factor(
     Ok(y[0].h / 16)
 }
 
+/// A calibration step the guard decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Ghosting a Conv (with its fits and the refit of its kept filters).
+    Ghost,
+    /// Refitting a Conv that stays whole to the original's output.
+    Refit,
+}
+
+/// What calibration decided for one step (a Conv ghosted, or a Conv that stays refit).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerDecision {
+    pub node: String,
+    pub conv_output: String,
+    pub step: Step,
+    /// Whether the step was kept (false: the guard undid it; a ghosted Conv stays whole, a
+    /// refit Conv keeps its original weights).
+    pub kept: bool,
+    /// The layer's own damage to the network output on the validation crops, as a fidelity
+    /// (PSNR-Y, dB, of the output with the layer against the output before it); null when the
+    /// guard is off or the layer did not change the output.
+    pub damage_fidelity_db: Option<f64>,
+}
+
+/// Per-layer decisions of a calibration, in graph order.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CalibReport {
+    pub guard_db: f64,
+    pub layers: Vec<LayerDecision>,
+}
+
 /// Plans every eligible Conv from calibration data (see the module docs) and returns the plan
 /// with the refit weights (replacement values for original initializers; apply them with
 /// [`apply_weights`] before emitting the plan). `progress(done, total, layer)` follows the
@@ -182,9 +228,43 @@ pub fn calibrate(
     analysis: &Analysis,
     plan_opts: &PlanOptions,
     calib: &CalibOptions,
-    images: &Path,
+    images: impl Into<ImageSource>,
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<(Plan, WeightSet)> {
+    calibrate_with_report(model, index, analysis, plan_opts, calib, images, progress).map(|(p, w, _)| (p, w))
+}
+
+/// The network output's Y planes (8-bit, shaved) on `crops` with `layers` ghosted and `weights`
+/// applied (all standard ops).
+#[allow(clippy::too_many_arguments)]
+fn output_planes(
+    proto: &ModelProto,
+    analysis: &Analysis,
+    plan: &Plan,
+    weights: &WeightSet,
+    input: &str,
+    output: &str,
+    crops: &[Chw],
+    threads: usize,
+    shave: usize,
+) -> Result<Vec<crate::runner::metrics::Plane>> {
+    let want = [output.to_string()];
+    let (ghosted, _) = emit(&apply_weights(proto, weights)?, analysis, plan, EmitMode::Standard)?;
+    let mut s = capture::open(&capture::prune_to(&ghosted, &want)?, threads)?;
+    budget::y_planes(&capture::run(&mut s, input, crops, &want)?[0], shave)
+}
+
+/// [`calibrate`] with the per-layer decisions.
+pub fn calibrate_with_report(
+    model: &Model,
+    index: &GraphIndex<'_>,
+    analysis: &Analysis,
+    plan_opts: &PlanOptions,
+    calib: &CalibOptions,
+    images: impl Into<ImageSource>,
+    progress: &(dyn Fn(usize, usize, &str) + Sync),
+) -> Result<(Plan, WeightSet, CalibReport)> {
+    let images: ImageSource = images.into();
     let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
     let proto = &model.proto;
     let input = capture::input_name(proto)?;
@@ -213,7 +293,9 @@ pub fn calibrate(
                 && calib.refit_others
                 && c.node_index > first_ghost
                 && !matches!(c.verdict, Verdict::Unsupported(_))
-                && c.kernel == [1, 1]
+                // 3x3 refits overfit CARN-M's upsampler and exit Convs unguarded; the guard
+                // keeps each only where it lowers the validation error.
+                && (c.kernel == [1, 1] || calib.guard_db > 0.0)
                 && refittable(c))
             .then_some((None, c)),
         })
@@ -233,10 +315,32 @@ pub fn calibrate(
     let mut session = capture::open(&capture::with_outputs(proto, &names)?, calib.threads)?;
     let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
-    let crops = data::crops(images, &calib.crop_spec(channels, scale, factor == 1))?;
+    let spec = calib.crop_spec(channels, scale, factor == 1);
+    let crops = data::crops(&images, &spec)?;
     let truth: HashMap<String, Maps> =
         names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
     drop(session);
+
+    // The guard's validation crops (other windows than the fits' and the quality report's) and
+    // the original output on them.
+    let guard = calib.guard_db > 0.0;
+    let shave = scale;
+    let guard_crops: Vec<Chw> = if guard {
+        let spec = data::CropSpec { count: calib.guard_count.clamp(1, calib.count), ..spec };
+        data::samples_seeded(&images, &spec, data::GUARD_SEED)?.into_iter().map(|s| s.lr).collect()
+    } else {
+        Vec::new()
+    };
+    let planes = |layers: &[LayerPlan], w: &WeightSet| {
+        let plan = Plan::new(&model.sha256, plan_opts.max_shift, layers.to_vec());
+        output_planes(proto, analysis, &plan, w, &input, &final_out, &guard_crops, calib.threads, shave)
+    };
+    let original_out = if guard { planes(&[], &WeightSet::default())? } else { Vec::new() };
+    // The output error (MSE against the original's output) of the state decided so far, and
+    // the most a layer may add to it.
+    let mut err_so_far = 0.0;
+    let max_damage = 255.0f64 * 255.0 / 10f64.powf(calib.guard_db / 10.0);
+    let mut report = CalibReport { guard_db: calib.guard_db, layers: Vec::new() };
 
     let mut done: Vec<LayerPlan> = Vec::new();
     let mut weights = WeightSet::default();
@@ -252,7 +356,10 @@ pub fn calibrate(
             continue;
         }
         // This Conv's output (and input) in the partly ghosted network.
-        let current: Option<Vec<Maps>> = if calib.layer_by_layer && !done.is_empty() {
+        // (With nothing decided yet the original's features serve, if captured: the guard may
+        // have undone the first layers, and only the first step's input is captured.)
+        let nothing_yet = done.is_empty() && weights.tensors.is_empty() && truth.contains_key(&conv.input);
+        let current: Option<Vec<Maps>> = if calib.layer_by_layer && !nothing_yet {
             let mut want = vec![conv.output.clone()];
             if do_refit {
                 want.push(conv.input.clone());
@@ -272,8 +379,29 @@ pub fn calibrate(
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
+            let before = guard.then(|| weights.clone());
             refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
                 .with_context(at)?;
+            if let Some(before) = before {
+                // Kept only if it lowers the output error on the validation crops.
+                let err = budget::mse(&planes(&done, &weights).with_context(at)?, &original_out)?;
+                let kept = err < err_so_far;
+                if kept {
+                    err_so_far = err;
+                } else {
+                    weights = before;
+                    if let Some(uses) = equations.get_mut(&conv.weight) {
+                        uses.pop();
+                    }
+                }
+                report.layers.push(LayerDecision {
+                    node: conv.node.clone(),
+                    conv_output: conv.output.clone(),
+                    step: Step::Refit,
+                    kept,
+                    damage_fidelity_db: None,
+                });
+            }
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
@@ -287,9 +415,11 @@ pub fn calibrate(
             }
             None => start_layer.intrinsic.clone(),
         };
-        first_intrinsic.entry(key).or_insert_with(|| intrinsic.clone());
+        let first_use = !first_intrinsic.contains_key(&key);
+        first_intrinsic.entry(key.clone()).or_insert_with(|| intrinsic.clone());
         let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
+        let weights_before = guard.then(|| weights.clone());
         if do_refit {
             refit_into(
                 index,
@@ -304,8 +434,40 @@ pub fn calibrate(
             )
             .with_context(at)?;
         }
-        done.push(layer);
-        progress(done.len(), total, &conv.output);
+        let mut decision = LayerDecision {
+            node: conv.node.clone(),
+            conv_output: conv.output.clone(),
+            step: Step::Ghost,
+            kept: true,
+            damage_fidelity_db: None,
+        };
+        if let Some(before) = weights_before {
+            let mut with = done.clone();
+            with.push(layer.clone());
+            let err = budget::mse(&planes(&with, &weights).with_context(at)?, &original_out)?;
+            let damage = err - err_so_far;
+            decision.damage_fidelity_db = (damage > 0.0).then(|| 10.0 * (255.0f64 * 255.0 / damage).log10());
+            if damage > max_damage {
+                // Undo: the Conv stays whole, with its original weights, and a later use of the
+                // same weights chooses its own intrinsic set.
+                decision.kept = false;
+                weights = before;
+                if do_refit && let Some(uses) = equations.get_mut(&conv.weight) {
+                    uses.pop();
+                }
+                if first_use {
+                    first_intrinsic.remove(&key);
+                }
+            } else {
+                err_so_far = err;
+            }
+        }
+        let kept = decision.kept;
+        report.layers.push(decision);
+        if kept {
+            done.push(layer);
+        }
+        progress(report.layers.iter().filter(|l| l.step == Step::Ghost).count(), total, &conv.output);
     }
     // The plan lists layers in the k-means plan's order.
     let order: HashMap<&str, usize> =
@@ -313,7 +475,7 @@ pub fn calibrate(
     done.sort_by_key(|l| order[l.conv_output.as_str()]);
     let plan = Plan::new(&model.sha256, plan_opts.max_shift, done);
     plan.validate(analysis).context("internal error: the calibrated plan is invalid")?;
-    Ok((plan, weights))
+    Ok((plan, weights, report))
 }
 
 /// Whether `conv`'s weights can be refit: constant, stride 1, dilation 1, and read by no other

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::calib::CalibOptions;
 use crate::calib::budget::Budget;
+use crate::calib::data::ImageSource;
 use crate::emit::qdq::RangeRule;
 use crate::graph::analysis::Policy;
 use crate::plan::kmeans::PlanOptions;
@@ -85,47 +86,70 @@ pub struct CalibArgs {
     /// Calibrate on crops of the HR images in DIR: run the original model (ONNX Runtime, CPU)
     /// and, Conv by Conv on the partly ghosted network, choose intrinsic channels, sources,
     /// shifts and affine terms by least error against the original's feature maps, then refit
-    /// the kept filters (ridge least squares). Without it, ghosts come from k-means on filters.
-    #[arg(long, value_name = "DIR")]
+    /// the kept filters (ridge least squares). `convert` without it calibrates on a small
+    /// built-in set of natural images (six public-domain/CC0 photographs compiled into the
+    /// binary); `plan` without it uses k-means on filters.
+    #[arg(long, value_name = "DIR", conflicts_with = "kmeans")]
     pub calib: Option<PathBuf>,
+    /// Choose ghosts by k-means on filter weights and shift by filter distance (the paper's
+    /// training-free selection) instead of calibrating. It needs no images and takes seconds,
+    /// but destroys pretrained SR networks: IMDN x2 at λ=0.5 falls from 38.0 to 15.4 dB on Set5
+    /// (calibrated: about 37.3). `convert` still measures and prints the damage.
+    #[arg(long)]
+    pub kmeans: bool,
     /// Number of calibration crops.
-    #[arg(long, value_name = "N", default_value_t = 16, requires = "calib")]
+    #[arg(long, value_name = "N", default_value_t = 16, conflicts_with = "kmeans")]
     pub calib_count: usize,
     /// Calibration crop size in model-input pixels.
-    #[arg(long, value_name = "S", default_value_t = 64, requires = "calib")]
+    #[arg(long, value_name = "S", default_value_t = 64, conflicts_with = "kmeans")]
     pub calib_size: usize,
     /// Calibration: draw N random windows per crop and keep the most detailed (the most energy
     /// in HR minus bicubic-upscaled LR, i.e. what the network has to add); 1: random crops.
-    #[arg(long, value_name = "N", default_value_t = CalibOptions::default().candidates, requires = "calib")]
+    #[arg(long, value_name = "N", default_value_t = CalibOptions::default().candidates, conflicts_with = "kmeans")]
     pub calib_candidates: usize,
     /// Calibration: ghosts are plain shifted copies (no fitted scale and bias).
-    #[arg(long, requires = "calib")]
+    #[arg(long, conflicts_with = "kmeans")]
     pub no_affine: bool,
     /// Calibration: fit every layer on the original network's features instead of the partly
     /// ghosted network's.
-    #[arg(long, requires = "calib")]
+    #[arg(long, conflicts_with = "kmeans")]
     pub no_layer_by_layer: bool,
     /// Calibration: keep k-means's intrinsic channels instead of choosing them from the data.
-    #[arg(long, requires = "calib")]
+    #[arg(long, conflicts_with = "kmeans")]
     pub no_data_intrinsic: bool,
     /// Calibration: do not refit the kept filters.
-    #[arg(long, requires = "calib")]
+    #[arg(long, conflicts_with = "kmeans")]
     pub no_refit: bool,
     /// Calibration: refit only the ghosted Convs' kept filters, not the 1x1 Convs that stay.
-    #[arg(long, requires = "calib")]
+    #[arg(long, conflicts_with = "kmeans")]
     pub no_refit_others: bool,
     /// Calibration: relative ridge strength of the refit.
-    #[arg(long, value_name = "R", default_value_t = 3e-2, requires = "calib")]
+    #[arg(long, value_name = "R", default_value_t = 3e-2, conflicts_with = "kmeans")]
     pub calib_ridge: f32,
     /// Calibration: input patches sampled per layer for the refit.
-    #[arg(long, value_name = "N", default_value_t = 32768, requires = "calib")]
+    #[arg(long, value_name = "N", default_value_t = 32768, conflicts_with = "kmeans")]
     pub calib_samples: usize,
+    /// Calibration: undo a ghosted layer whose own damage to the network output, on validation
+    /// crops the fits never saw, exceeds the output error of this fidelity (PSNR-Y dB of the
+    /// output against the original's; 47 ≈ 0.5 dB of PSNR lost by that layer alone); 0: off.
+    #[arg(long, value_name = "DB", default_value_t = CalibOptions::default().guard_db, conflicts_with = "kmeans")]
+    pub calib_guard_db: f64,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "calib")]
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
 }
 
 impl CalibArgs {
+    /// The calibration images: `--calib DIR`, else (with `builtin_by_default`, and not
+    /// `--kmeans`) the built-in set, else none (k-means).
+    pub fn source(&self, builtin_by_default: bool) -> Option<ImageSource> {
+        match &self.calib {
+            Some(d) => Some(ImageSource::Dir(d.clone())),
+            None if builtin_by_default && !self.kmeans => Some(ImageSource::Builtin),
+            None => None,
+        }
+    }
+
     pub fn options(&self) -> CalibOptions {
         CalibOptions {
             count: self.calib_count,
@@ -139,24 +163,26 @@ impl CalibArgs {
             ridge: self.calib_ridge,
             threads: self.calib_threads,
             samples: self.calib_samples,
+            guard_db: self.calib_guard_db,
             ..CalibOptions::default()
         }
     }
 }
 
-/// Quality budget: λ chosen per layer (needs --calib).
+/// Quality budget: λ chosen per layer (calibrates: on --calib DIR, or in `convert` on the
+/// built-in set).
 #[derive(Args, Debug, Clone)]
 pub struct BudgetArgs {
     /// Choose λ per layer so that PSNR-Y on the calibration crops drops at most D dB against
     /// the original model, ghosting as much as that allows: a sensitivity pass ghosts each layer
     /// alone at λ = 0.25, 0.5 and 0.75, then a few layer-by-layer calibrations bracket the
-    /// budget. Prints each layer's choice. Needs --calib; replaces --ratio.
-    #[arg(long, value_name = "D", requires = "calib", conflicts_with_all = ["ratio", "target_macs"],
+    /// budget. Prints each layer's choice. Calibrates; replaces --ratio.
+    #[arg(long, value_name = "D", conflicts_with_all = ["ratio", "target_macs", "kmeans"],
           value_parser = parse_positive)]
     pub max_psnr_drop: Option<f64>,
     /// Choose λ per layer so that the Conv multiply-adds are at most F times the original's, at
-    /// the least quality loss the sensitivity pass predicts. Needs --calib; replaces --ratio.
-    #[arg(long, value_name = "F", requires = "calib", conflicts_with = "ratio", value_parser = parse_fraction)]
+    /// the least quality loss the sensitivity pass predicts. Calibrates; replaces --ratio.
+    #[arg(long, value_name = "F", conflicts_with_all = ["ratio", "kmeans"], value_parser = parse_fraction)]
     pub target_macs: Option<f64>,
 }
 
@@ -185,11 +211,12 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
 #[derive(Args, Debug, Clone)]
 pub struct Int8Args {
     /// Write a statically quantized int8 model (QDQ: uint8 activations, int8 per-channel
-    /// weights, int32 biases), activation ranges from the calibration crops (needs --calib).
+    /// weights, int32 biases), activation ranges from the calibration crops (the built-in
+    /// images unless --calib names a folder).
     /// Ghost stages use the Convs-only form (it replaces the default `--emit plugin`; `--emit
     /// standard` is kept; `--emit fused` is refused: GhostShift has no int8 kernel). `--ratio 0`
     /// quantizes the original network.
-    #[arg(long, requires = "calib")]
+    #[arg(long)]
     pub int8: bool,
     /// How --int8 picks each activation's range from its calibration values.
     #[arg(long, value_enum, default_value_t = RangeRule::Percentile, value_name = "RULE")]

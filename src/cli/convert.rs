@@ -10,7 +10,10 @@ use clap::Args;
 use super::args::{BudgetArgs, CalibArgs, Int8Args, PlanningArgs, PolicyArgs};
 use super::plan::make_plan;
 use crate::calib;
+use crate::calib::CalibReport;
 use crate::calib::budget::BudgetReport;
+use crate::calib::data::ImageSource;
+use crate::calib::quality::{self, Quality};
 use crate::emit::qdq::{self, QuantReport, Target};
 use crate::emit::{self, EmitMode};
 use crate::graph::GraphIndex;
@@ -41,7 +44,7 @@ pub struct ConvertArgs {
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
     /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit conv --int8` (fastest
-    /// on ONNX Runtime's CPU provider; needs --calib).
+    /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, conflicts_with = "emit")]
     pub target: Option<Target>,
     #[command(flatten)]
@@ -94,6 +97,14 @@ struct ConvertSummary {
     /// With --int8 or --target cpu-int8: what was quantized.
     #[serde(skip_serializing_if = "Option::is_none")]
     int8: Option<QuantReport>,
+    /// The ghost model against the original on held-out calibration crops (null when it could
+    /// not be measured; `quality_error` says why).
+    quality: Option<Quality>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quality_error: Option<String>,
+    /// Calibration's per-layer decisions (what the guard kept and undid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    calibration: Option<CalibReport>,
 }
 
 #[derive(serde::Serialize, Default)]
@@ -103,6 +114,7 @@ struct Timings {
     plan: f64,
     emit: f64,
     save: f64,
+    quality: f64,
     total: f64,
 }
 
@@ -148,15 +160,15 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
     tick(&mut t.analyse);
-    let (plan, weights, budget) = match &a.plan {
+    let (plan, weights, budget, calibration) = match &a.plan {
         Some(p) => {
             let plan = Plan::read(p)?;
             check_plan_model(&plan, p, &m, a.force_plan)?;
             plan.validate(&analysis)
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
-            (plan, None, None)
+            (plan, None, None, None)
         }
-        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?,
+        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, true)?,
     };
     tick(&mut t.plan);
     // Refit weights from calibration replace the original initializers before the rewrite.
@@ -177,11 +189,14 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     } else {
         out
     };
-    let quantized = match (int8, &a.calib.calib) {
+    // Activation ranges come from the same images calibration uses (built-in unless --calib).
+    let quantized = match (int8, a.calib.source(true)) {
         (false, _) => None,
-        (true, None) => bail!("int8 needs calibration crops: add --calib DIR"),
-        (true, Some(dir)) => Some(
-            qdq::quantize_calibrated(&out, dir, &a.calib.options(), a.int8.int8_ranges)
+        (true, None) => {
+            bail!("--int8 measures activation ranges on images: drop --kmeans or add --calib DIR")
+        }
+        (true, Some(images)) => Some(
+            qdq::quantize_calibrated(&out, &images, &a.calib.options(), a.int8.int8_ranges)
                 .with_context(|| format!("quantizing the rewrite of {}", a.model.display()))?,
         ),
     };
@@ -192,6 +207,22 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         model::write_atomic(p, plan.to_json().as_bytes(), opts)?;
     }
     tick(&mut t.save);
+    // Always measured, so that no conversion is silently broken: on the calibration images
+    // (the built-in set unless --calib names a folder), other windows than the fits used.
+    let images = a.calib.source(true).unwrap_or(ImageSource::Builtin);
+    let (quality, quality_error) = if plan.layers.is_empty() {
+        // Nothing ghosted: the rewrite computes what the original does.
+        (None, None)
+    } else {
+        match quality::measure(&m, &analysis, &plan, weights.as_ref(), &a.calib.options(), &images) {
+            Ok(q) => (Some(q), None),
+            Err(e) => {
+                eprintln!("ghostsr: WARNING: the ghost model's quality was NOT measured: {e:#}");
+                (None, Some(format!("{e:#}")))
+            }
+        }
+    };
+    tick(&mut t.quality);
     t.total = t0.elapsed().as_secs_f64();
 
     let before = report::inspect("", &m.proto, &index, &analysis);
@@ -213,9 +244,16 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         seconds: t,
         budget,
         int8: quantized.map(|(_, r)| r),
+        quality,
+        quality_error,
+        calibration,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
+        // The warning goes to stderr too, where a script's user sees it.
+        if let Some(q) = summary.quality.as_ref().filter(|q| q.is_bad()) {
+            eprint!("{}", quality::warning(q));
+        }
     } else {
         print_summary(&summary);
     }
@@ -305,7 +343,14 @@ fn print_summary(s: &ConvertSummary) {
     }
     let t = &s.seconds;
     println!(
-        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2})",
-        t.total, t.load, t.analyse, t.plan, t.emit, t.save
+        "  time:           {:.2} s (load {:.2}, analyse {:.2}, plan {:.2}, emit {:.2}, save {:.2}, quality {:.2})",
+        t.total, t.load, t.analyse, t.plan, t.emit, t.save, t.quality
     );
+    if let Some(q) = &s.quality {
+        let text = quality::render(q);
+        // The summary line on stdout; the warning, if any, on stderr.
+        let (line, warning) = text.split_at(text.find("ghostsr: WARNING").unwrap_or(text.len()));
+        print!("{line}");
+        eprint!("{warning}");
+    }
 }

@@ -146,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn budget_flags_need_calibration_and_exclude_ratio_and_each_other() {
+    fn budget_flags_exclude_kmeans_ratio_and_each_other() {
         let base = ["convert", "m.onnx", "-o", "g.onnx", "--calib", "dir"];
         let with =
             |extra: &[&'static str]| -> Vec<&'static str> { base.iter().chain(extra).copied().collect() };
@@ -163,8 +163,10 @@ mod tests {
         };
         assert_eq!(p.budget.budget(), Some(Budget::TargetMacs(0.6)));
         for bad in [
-            vec!["convert", "m.onnx", "-o", "g.onnx", "--max-psnr-drop", "0.3"],
-            vec!["convert", "m.onnx", "-o", "g.onnx", "--target-macs", "0.5"],
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--kmeans", "--max-psnr-drop", "0.3"],
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--kmeans", "--target-macs", "0.5"],
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--kmeans", "--calib", "d"],
+            vec!["convert", "m.onnx", "-o", "g.onnx", "--kmeans", "--calib-count", "4"],
             with(&["--max-psnr-drop", "0.3", "--target-macs", "0.5"]),
             with(&["--max-psnr-drop", "0.3", "--ratio", "0.5"]),
             with(&["--target-macs", "0.5", "--ratio", "0.5"]),

@@ -2,7 +2,7 @@
 //! budget) and write the plan as JSON, optionally with the weights a trainer starts from.
 //! [`make_plan`] is the one place that turns the planning flags into a plan; `convert` uses it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -10,7 +10,9 @@ use clap::Args;
 use super::args::{BudgetArgs, CalibArgs, PlanningArgs, PolicyArgs};
 use super::progress::{progress, staged_progress};
 use crate::calib;
+use crate::calib::CalibReport;
 use crate::calib::budget::BudgetReport;
+use crate::calib::data::ImageSource;
 use crate::graph::GraphIndex;
 use crate::graph::analysis;
 use crate::model::{self, WriteOptions};
@@ -43,7 +45,12 @@ pub struct PlanArgs {
     pub policy: PolicyArgs,
 }
 
-/// A plan (and calibration's refit weights, and the budget's report) as the flags ask.
+/// What [`make_plan`] returns: the plan, calibration's refit weights, the budget's report and
+/// calibration's per-layer decisions (each when it applies).
+pub type Planned = (Plan, Option<WeightSet>, Option<BudgetReport>, Option<CalibReport>);
+
+/// A plan (and calibration's refit weights, and the budget's report) as the flags ask; without
+/// `--calib` and `--kmeans`, `builtin_by_default` calibrates on the built-in image set.
 pub fn make_plan(
     m: &model::Model,
     index: &GraphIndex<'_>,
@@ -51,7 +58,8 @@ pub fn make_plan(
     p: &PlanningArgs,
     c: &CalibArgs,
     b: &BudgetArgs,
-) -> Result<(Plan, Option<WeightSet>, Option<BudgetReport>)> {
+    builtin_by_default: bool,
+) -> Result<Planned> {
     if analysis.eligible().next().is_none() {
         bail!(
             "{}: no Conv is eligible for ghosting; run `ghostsr inspect {}` to see why each is skipped (--include NAME overrides the policy)",
@@ -59,8 +67,8 @@ pub fn make_plan(
             m.path.display()
         );
     }
-    let what = |dir: &Path| format!("calibrating {} on {}", m.path.display(), dir.display());
-    match (&c.calib, b.budget()) {
+    let what = |src: &ImageSource| format!("calibrating {} on {}", m.path.display(), src.describe());
+    match (&c.source(builtin_by_default), b.budget()) {
         (Some(dir), Some(budget)) => {
             let (plan, weights, report) = calib::budget::calibrate_to_budget(
                 m,
@@ -74,10 +82,10 @@ pub fn make_plan(
             )
             .with_context(|| what(dir))?;
             eprint!("{}", calib::budget::render(&report));
-            Ok((plan, Some(weights), Some(report)))
+            Ok((plan, Some(weights), Some(report), None))
         }
         (Some(dir), None) => {
-            let (plan, weights) = calib::calibrate(
+            let (plan, weights, report) = calib::calibrate_with_report(
                 m,
                 index,
                 analysis,
@@ -87,11 +95,20 @@ pub fn make_plan(
                 &progress("calibrating"),
             )
             .with_context(|| what(dir))?;
-            Ok((plan, Some(weights), None))
+            for l in report.layers.iter().filter(|l| !l.kept && l.step == calib::Step::Ghost) {
+                eprintln!(
+                    "ghostsr: left Conv \"{}\" whole: ghosting it alone cost fidelity {:.1} dB (guard {} dB)",
+                    l.node,
+                    l.damage_fidelity_db.unwrap_or(f64::INFINITY),
+                    report.guard_db
+                );
+            }
+            Ok((plan, Some(weights), None, Some(report)))
         }
-        (None, Some(_)) => bail!("--max-psnr-drop and --target-macs need --calib DIR"),
+        (None, Some(_)) => bail!("--max-psnr-drop and --target-macs calibrate: they need --calib DIR here"),
         (None, None) => Ok((
             kmeans::plan_model(index, analysis, &m.sha256, &p.options(), &progress("planning"))?,
+            None,
             None,
             None,
         )),
@@ -113,7 +130,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     crate::emit::fp16::widen(&mut m)?;
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let analysis = analysis::analyze(&index, &a.policy.policy())?;
-    let (plan, refit, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget)?;
+    let (plan, refit, _, _) = make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, false)?;
     let refit = refit.filter(|w| !w.tensors.is_empty());
     let exported = match &a.export_weights {
         Some(_) => {

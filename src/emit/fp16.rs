@@ -40,11 +40,23 @@ pub fn to_f16(model: &ModelProto) -> Result<ModelProto> {
 /// Widens a loaded float16 model in place (analysis, planning and emitting read float32
 /// weights); returns whether it was float16. The model's file hash is unchanged, so plans made
 /// on the widened model fit the float16 file.
+///
+/// Only a model that narrows back to itself is widened: one that mixes float16 and float32 on
+/// purpose (a Cast to float32, float32 outputs) would come back all float16, so it is left as
+/// it is (its float16 Convs are then not planned) and an empty plan still returns it unchanged.
 pub fn widen(m: &mut crate::model::Model) -> Result<bool> {
     if !is_fp16(&m.proto) {
         return Ok(false);
     }
-    m.proto = to_f32(&m.proto).with_context(|| format!("widening {} to float32", m.path.display()))?;
+    let wide = to_f32(&m.proto).with_context(|| format!("widening {} to float32", m.path.display()))?;
+    if to_f16(&wide).ok().as_ref() != Some(&m.proto) {
+        eprintln!(
+            "ghostsr: note: {} mixes float16 and float32; it is rewritten as it is (its float16 Convs are not ghosted)",
+            m.path.display()
+        );
+        return Ok(false);
+    }
+    m.proto = wide;
     Ok(true)
 }
 
@@ -228,6 +240,23 @@ mod tests {
         assert_eq!(g.node[2].attribute[0].floats, vec![0.1], "GhostShift attributes are float32");
         let back = to_f32(&h).expect("to f32");
         assert_eq!(back, m, "float16-exact values round trip");
+    }
+
+    #[test]
+    fn only_models_that_narrow_back_to_themselves_are_widened() {
+        let half = to_f16(&model()).expect("to f16");
+        let mut pure =
+            crate::model::Model { proto: half.clone(), path: "h.onnx".into(), sha256: String::new() };
+        assert!(widen(&mut pure).expect("widen"), "a float16 model is widened");
+        assert_eq!(to_f16(&pure.proto).expect("narrow"), half);
+        // A float32 graph output next to float16 data: narrowing all would change the model.
+        let mut mixed_proto = half;
+        let g = mixed_proto.graph.as_mut().expect("graph");
+        set_elem_type(&mut g.output[0], FLOAT16, FLOAT);
+        let mut mixed =
+            crate::model::Model { proto: mixed_proto.clone(), path: "m.onnx".into(), sha256: String::new() };
+        assert!(!widen(&mut mixed).expect("widen"), "a mixed model is left as it is");
+        assert_eq!(mixed.proto, mixed_proto);
     }
 
     #[test]

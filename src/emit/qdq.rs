@@ -15,13 +15,13 @@
 //! their Transposes cost more than the copies (measured in BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 use super::EmitMode;
-use crate::calib::{CalibOptions, capture, data};
+use crate::calib::data::{self, ImageSource};
+use crate::calib::{CalibOptions, capture};
 use crate::onnx::{self, ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 use crate::runner::session::ort_err;
 use crate::runner::sr::Chw;
@@ -579,7 +579,7 @@ fn raw_tensor(name: &str, dims: &[i64], ty: DataType, raw: Vec<u8>) -> TensorPro
 /// calibration of ghosts makes them, for this model's kind) under `rule`.
 pub fn quantize_calibrated(
     proto: &ModelProto,
-    images: &Path,
+    images: &ImageSource,
     calib: &CalibOptions,
     rule: RangeRule,
 ) -> Result<(ModelProto, QuantReport)> {
@@ -608,7 +608,7 @@ pub fn quantize_calibrated(
 }
 
 /// The model-input crops calibration uses, for `proto`'s channels and SR factor.
-fn calibration_crops(proto: &ModelProto, images: &Path, calib: &CalibOptions) -> Result<Vec<Chw>> {
+fn calibration_crops(proto: &ModelProto, images: &ImageSource, calib: &CalibOptions) -> Result<Vec<Chw>> {
     let input = capture::input_name(proto)?;
     let (channels, c_in) = crate::calib::data_channels(proto, &input)?;
     let final_out = proto

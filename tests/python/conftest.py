@@ -115,7 +115,10 @@ class ConvertCache:
             tag = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
             out = self.root / f"{model.stem}.{tag}.onnx"
             plan = self.root / f"{model.stem}.{tag}.plan.json"
-            ghostsr("convert", model, "-o", out, "--save-plan", plan, *args)
+            # These conversions check the rewrite against a reference that applies the plan to
+            # the original weights: plan by k-means (convert's default calibrates and refits).
+            planning = [] if {"--plan", "--calib"} & {str(a) for a in args} else ["--kmeans"]
+            ghostsr("convert", model, "-o", out, "--save-plan", plan, *planning, *args)
             self.done[key] = (out, json.loads(plan.read_text()))
         return self.done[key]
 

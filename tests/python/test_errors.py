@@ -128,7 +128,7 @@ def test_save_plan_exists_without_force(sandbox):
 def test_force_overwrites(sandbox):
     existing = sandbox / "existing.onnx"
     existing.write_bytes(b"old")
-    ghostsr("convert", sandbox / "model.onnx", "-o", existing, "--force", "--emit", "standard")
+    ghostsr("convert", sandbox / "model.onnx", "-o", existing, "--force", "--emit", "standard", "--kmeans")
     onnx.checker.check_model(onnx.load(str(existing)), full_check=True)
 
 

@@ -120,8 +120,8 @@ def test_target_cpu_int8_writes_a_runnable_qdq_model(tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--int8"], ["--calib"]),
-    (["--target", "cpu-int8"], ["--calib"]),
+    (["--int8", "--kmeans"], ["--calib"]),
+    (["--target", "cpu-int8", "--kmeans"], ["--calib"]),
     (["--int8", "--emit", "fused", *CALIB], ["fused"]),
 ])
 def test_int8_refusals_are_clean(tmp_path, args, words):

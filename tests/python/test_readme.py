@@ -1,6 +1,6 @@
 """The README's commands and deployment example work as written.
 
-Runs the README's main-job command (converting the shipped fixture) and then executes the
+Runs the README's main-job command (calibrating and converting the shipped CARN-M x2) and then executes the
 Python deployment snippet verbatim, from the repository root, with the plugin built by
 `cargo build --release`.
 """
@@ -22,6 +22,8 @@ def test_readme_main_job_then_python_example(tmp_path, monkeypatch):
     done = subprocess.run([binary, *args], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Convs ghosted" in done.stdout
+    # The default path calibrates and measures: a real model, a real quality figure.
+    assert "quality:" in done.stdout and "built-in calibration set" in done.stdout, done.stdout
 
     block = re.search(r"### Deploy with ONNX Runtime \(Python\)\n\n```python\n(.*?)```", README, re.S)
     assert block, "README lost its Python example"
