@@ -12,15 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-venv=${GHOSTSR_VENV:-$root/.venv}
-
-if ! "$venv/bin/python" -c "import onnxruntime, onnx, numpy, PIL, pytest" 2>/dev/null; then
-  echo "== setting up $venv (pinned Python packages)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
-fi
-ORT_DYLIB_PATH=$(ls "$venv"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -n 1)
-export ORT_DYLIB_PATH
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
 
 if [ -z "${SKIP_LINT:-}" ]; then
   echo "== rustfmt and clippy"

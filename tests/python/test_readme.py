@@ -15,8 +15,12 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_main_job_then_python_example(tmp_path, monkeypatch):
+    assert re.search(r"^scripts/main-job.sh$", README, re.M), "README lost its main-job command"
     m = re.search(r"^cargo run --release -- (convert .*)$", README, re.M)
-    assert m, "README lost its main-job command"
+    assert m, "README lost the command the main job runs"
+    # The script runs the very command the README shows (the test runs it with the built binary).
+    script = (ROOT / "scripts" / "main-job.sh").read_text()
+    assert f"cargo run --release -- {m.group(1)}" in script, "scripts/main-job.sh and README.md disagree"
     args = shlex.split(m.group(1))
     binary = os.environ.get("GHOSTSR_BIN", str(ROOT / "target/release/ghostsr"))
     done = subprocess.run([binary, *args], cwd=ROOT, capture_output=True, text=True)
