@@ -37,8 +37,8 @@ def test_fp16_ghost_models_run_close_to_fp32(tmp_path):
     subprocess.run([str(BIN), "generate", "edsr-baseline", "--scale", "2", "--blocks", "2", "--channels", "16",
                     "-o", str(orig)], check=True, capture_output=True)
     g32, g16 = tmp_path / "g32.onnx", tmp_path / "g16.onnx"
-    subprocess.run([str(BIN), "convert", str(orig), "-o", str(g32), "--seed", "1"], check=True, capture_output=True)
-    subprocess.run([str(BIN), "convert", str(orig), "-o", str(g16), "--seed", "1", "--fp16"], check=True,
+    subprocess.run([str(BIN), "convert", str(orig), "-o", str(g32), "--seed", "1", "--kmeans"], check=True, capture_output=True)
+    subprocess.run([str(BIN), "convert", str(orig), "-o", str(g16), "--seed", "1", "--fp16", "--kmeans"], check=True,
                    capture_output=True)
     orig16, g16b = tmp_path / "eb16.onnx", tmp_path / "g16b.onnx"
     to_fp16(orig, orig16)
@@ -48,10 +48,12 @@ def test_fp16_ghost_models_run_close_to_fp32(tmp_path):
     subprocess.run([str(BIN), "convert", str(orig16), "-o", str(g16b), "--plan", str(plan)], check=True,
                    capture_output=True)
 
+    # Every model comes from the same k-means plan (`plan` plans with k-means; `convert` would
+    # calibrate by default), so they differ only in precision and form.
     others = []
     for form in ("fused", "standard", "conv"):
         others.append(tmp_path / f"g16_{form}.onnx")
-        subprocess.run([str(BIN), "convert", str(orig), "-o", str(others[-1]), "--seed", "1", "--fp16", "--emit", form],
+        subprocess.run([str(BIN), "convert", str(orig), "-o", str(others[-1]), "--seed", "1", "--fp16", "--emit", form, "--kmeans"],
                        check=True, capture_output=True)
 
     x = np.random.default_rng(0).random((1, 3, 24, 20), dtype=np.float32)
