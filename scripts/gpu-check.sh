@@ -10,7 +10,9 @@
 #      x2 models (plugin and fused forms) within 1e-4 of the CPU provider;
 #   4. speed: the kernel's GB/s against a device-to-device copy of the same bytes (PyTorch), and
 #      `ghostsr bench --provider cuda` on generated EDSR x2 and EDSR-baseline x2 at 180x320 and
-#      360x640 LR, original vs standard / plugin / fused / conv forms, median of 20 runs.
+#      360x640 LR, in fp32 (--tf32 off), TF32 (--tf32 on) and fp16 (every model narrowed by
+#      `ghostsr convert --ratio 0 --fp16`), the original against the standard / plugin / fused /
+#      conv forms in one interleaved run per arch, size and precision, median of 20 runs.
 # Every kernel call runs with GHOSTSR_CUDA_SYNC=1 (a fault is reported at its launch).
 #
 # On this CPU machine first (the GPU machine has no network and no Rust toolchain):

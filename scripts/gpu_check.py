@@ -24,6 +24,9 @@ LARGE_CASES = [(1, 256, 256, 720, 1280, "float32"), (1, 64, 64, 2160, 3840, "flo
 BENCH_ARCHS = ["edsr-baseline", "edsr"]
 BENCH_SIZES = ["180x320", "360x640"]
 BENCH_FORMS = ["standard", "plugin", "fused", "conv"]
+# (row label, `ghostsr bench --tf32` value, float16 models): true fp32, TF32 (ORT's CUDA default
+# on Ampere+), and fp16 models (TF32 does not apply to them).
+BENCH_PRECISIONS = [("fp32", "off", False), ("tf32", "on", False), ("fp16", None, True)]
 
 
 class Table:
@@ -199,21 +202,31 @@ def one(t: Table, ort, model: Path, plugin: Path, device: bool, shape: tuple, dt
         t.add("correctness", name, "FAIL", str(e).splitlines()[0][:160])
 
 
-def whole_models(t: Table, ort, bin_: Path, out: Path, plugin: Path, device: bool) -> dict[str, Path]:
+def make_models(t: Table, bin_: Path, work: Path, gen_extra: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Generated originals (key: arch), their ghost forms (arch.form) and float16 copies of each
+    (arch.fp16, arch.form.fp16). The float16 copies are the float32 models narrowed by `ghostsr
+    convert --ratio 0 --fp16` (an empty plan: same ghosts, same weights, only the precision
+    differs). A failed step is a FAIL row; `gen_extra` shrinks the networks for tests."""
     made: dict[str, Path] = {}
-    if not device:
-        for form in ("plugin", "fused"):
-            t.add("correctness", f"EDSR-baseline x2 {form} form within 1e-4 of CPU", NO_DEVICE)
-        return made
-    work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
+
+    def narrow(key: str, src: Path) -> None:
+        dst = src.with_suffix(".fp16.onnx")
+        code, text = sh([str(bin_), "convert", str(src), "-o", str(dst), "--ratio", "0", "--kmeans", "--fp16",
+                         "--force"])
+        if code != 0:
+            t.add("correctness", f"convert --fp16 {key}", "FAIL", text[-160:])
+        else:
+            made[f"{key}.fp16"] = dst
+
     for arch in BENCH_ARCHS:
         orig = work / f"{arch}_x2.onnx"
-        code, text = sh([str(bin_), "generate", arch, "--scale", "2", "-o", str(orig), "--force"])
+        code, text = sh([str(bin_), "generate", arch, "--scale", "2", *gen_extra, "-o", str(orig), "--force"])
         if code != 0:
             t.add("correctness", f"generate {arch} x2", "FAIL", text[-160:])
             continue
         made[arch] = orig
+        narrow(arch, orig)
         for form in BENCH_FORMS:
             g = work / f"{arch}_x2.{form}.onnx"
             code, text = sh([str(bin_), "convert", str(orig), "-o", str(g), "--emit", form, "--force"])
@@ -221,6 +234,16 @@ def whole_models(t: Table, ort, bin_: Path, out: Path, plugin: Path, device: boo
                 t.add("correctness", f"convert {arch} {form}", "FAIL", text[-160:])
             else:
                 made[f"{arch}.{form}"] = g
+                narrow(f"{arch}.{form}", g)
+    return made
+
+
+def whole_models(t: Table, ort, bin_: Path, out: Path, plugin: Path, device: bool) -> dict[str, Path]:
+    if not device:
+        for form in ("plugin", "fused"):
+            t.add("correctness", f"EDSR-baseline x2 {form} form within 1e-4 of CPU", NO_DEVICE)
+        return {}
+    made = make_models(t, bin_, out / "work")
     for form in ("plugin", "fused"):
         g = made.get(f"edsr-baseline.{form}")
         name = f"EDSR-baseline x2 {form} form within 1e-4 of CPU"
@@ -287,29 +310,54 @@ def kernel_speed(t: Table, ort, models: Path, plugin: Path, device: bool) -> Non
             t.add("speed", name, "FAIL", str(e).splitlines()[0][:160])
 
 
+def bench_command(bin_: Path, plugin: Path, made: dict[str, Path], arch: str, size: str, precision: str,
+                  provider: str = "cuda", runs: int = 20) -> list[str] | None:
+    """One interleaved `ghostsr bench` of the original against every form, in one precision
+    (None when a model is missing): the standard form is the ghost, the others `--also`."""
+    tf32, fp16 = next((tf, h) for p, tf, h in BENCH_PRECISIONS if p == precision)
+    suffix = ".fp16" if fp16 else ""
+    models = [made.get(arch + suffix)] + [made.get(f"{arch}.{form}{suffix}") for form in BENCH_FORMS]
+    if any(m is None for m in models):
+        return None
+    cmd = [str(bin_), "bench", str(models[0]), str(models[1])]
+    for m in models[2:]:
+        cmd += ["--also", str(m)]
+    cmd += ["--size", size, "--provider", provider, "--runs", str(runs), "--plugin", str(plugin), "--json"]
+    if tf32 is not None:
+        cmd += ["--tf32", tf32]
+    return cmd
+
+
 def bench_rows(t: Table, bin_: Path, plugin: Path, made: dict[str, Path], device: bool) -> None:
     env = dict(os.environ, GHOSTSR_CUDA_SYNC="0")
     for arch in BENCH_ARCHS:
         for size in BENCH_SIZES:
-            for form in BENCH_FORMS:
-                name = f"bench {arch} x2 {size} {form}/orig"
+            for precision, _tf32, _fp16 in BENCH_PRECISIONS:
+                names = [f"bench {arch} x2 {size} {precision} {form}/orig" for form in BENCH_FORMS]
                 if not device:
-                    t.add("speed", name, NO_DEVICE)
+                    for name in names:
+                        t.add("speed", name, NO_DEVICE)
                     continue
-                orig, g = made.get(arch), made.get(f"{arch}.{form}")
-                if orig is None or g is None:
-                    t.add("speed", name, "FAIL", "model not made")
+                cmd = bench_command(bin_, plugin, made, arch, size, precision)
+                if cmd is None:
+                    for name in names:
+                        t.add("speed", name, "FAIL", "model not made")
                     continue
-                code, text = sh([str(bin_), "bench", str(orig), str(g), "--size", size, "--provider", "cuda",
-                                 "--runs", "20", "--plugin", str(plugin), "--json"], env=env)
-                if code != 0:
-                    t.add("speed", name, "FAIL", text.splitlines()[-1][:160] if text else f"exit {code}")
-                    continue
+                code, text = sh(cmd, env=env)
                 try:
-                    r = json.loads(text.splitlines()[-1])
-                    t.add("speed", name, "measured", json.dumps({k: r[k] for k in r if "ratio" in k or "median" in k})[:160])
+                    r = json.loads(text.splitlines()[-1]) if code == 0 else None
                 except (ValueError, IndexError):
-                    t.add("speed", name, "measured", text.splitlines()[-1][:160])
+                    r = None
+                if r is None:
+                    why = text.splitlines()[-1][:160] if text else f"exit {code}"
+                    for name in names:
+                        t.add("speed", name, "FAIL", why)
+                    continue
+                timings = [(r["ghost"], r["ratio"])] + [(tm, ratio) for tm, ratio in r.get("also", [])]
+                for name, (tm, ratio) in zip(names, timings):
+                    t.add("speed", name, "measured",
+                          f"orig {r['orig']['median_ms']:.2f} ms, ghost {tm['median_ms']:.2f} ms, "
+                          f"ratio {ratio:.3f} ({tm['input']}, median of {r['runs']})")
 
 
 def main() -> int:

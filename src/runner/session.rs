@@ -41,6 +41,9 @@ pub struct SessionConfig {
     pub plugin: Option<PathBuf>,
     /// Execution provider.
     pub provider: Provider,
+    /// CUDA only: TensorFloat-32 in Conv/MatMul (ORT's `use_tf32` option); None keeps ORT's
+    /// default (on, for Ampere and newer GPUs).
+    pub tf32: Option<bool>,
 }
 
 /// Turns an `ort` error (whose recovery payload may not be `Send`) into an anyhow error.
@@ -149,7 +152,7 @@ pub fn provider_available(name: &str) -> Result<bool> {
     Ok(found)
 }
 
-fn append_cuda(builder: &mut SessionBuilder) -> Result<()> {
+fn append_cuda(builder: &mut SessionBuilder, tf32: Option<bool>) -> Result<()> {
     if !provider_available("CUDAExecutionProvider")? {
         bail!(
             "--provider cuda: this ONNX Runtime library has no CUDAExecutionProvider \
@@ -162,6 +165,14 @@ fn append_cuda(builder: &mut SessionBuilder) -> Result<()> {
     // are copied by SessionOptionsAppendExecutionProvider_CUDA_V2.
     unsafe {
         ort::Error::result_from_status((api.CreateCUDAProviderOptions)(&mut opts)).map_err(ort_err)?;
+        if let Some(on) = tf32 {
+            let (key, value) = (c"use_tf32", if on { c"1" } else { c"0" });
+            let status = (api.UpdateCUDAProviderOptions)(opts, &key.as_ptr(), &value.as_ptr(), 1);
+            if let Err(e) = ort::Error::result_from_status(status) {
+                (api.ReleaseCUDAProviderOptions)(opts);
+                return Err(ort_err(e)).context("setting the CUDA provider option use_tf32");
+            }
+        }
         let status = (api.SessionOptionsAppendExecutionProvider_CUDA_V2)(builder.ptr_mut(), opts);
         (api.ReleaseCUDAProviderOptions)(opts);
         ort::Error::result_from_status(status).map_err(ort_err).context("enabling CUDAExecutionProvider")?;
@@ -204,7 +215,7 @@ pub fn open_session(model: &Path, cfg: &SessionConfig) -> Result<Session> {
         .with_context(|| format!("{} is not a valid ONNX model", model.display()))?;
     let mut builder = base_builder(env, cfg.threads)?;
     if cfg.provider == Provider::Cuda {
-        append_cuda(&mut builder)?;
+        append_cuda(&mut builder, cfg.tf32)?;
     }
     // Held from registering the plugin until the session exists: see `plugin_registration_lock`.
     let mut _registering = None;

@@ -124,6 +124,9 @@ pub struct SrModel {
     session: Session,
     kind: ModelKind,
     path: PathBuf,
+    /// Whether the model takes float16 (a half-precision export or `convert --fp16`): inputs
+    /// are narrowed to it and outputs widened back, so callers keep working in f32.
+    fp16: bool,
     /// Print per-tile progress on stderr when an image needs more than this many tiles.
     pub progress_above: usize,
 }
@@ -134,10 +137,13 @@ impl SrModel {
     /// Opens `path` and probes its kind.
     pub fn open(path: &Path, cfg: &SessionConfig) -> Result<SrModel> {
         let session = open_session(path, cfg)?;
+        let fp16 = session.inputs().first().and_then(|i| i.dtype().tensor_type())
+            == Some(ort::value::TensorElementType::Float16);
         let mut m = SrModel {
             session,
             kind: ModelKind { channels: Channels::Rgb, factor: 1 },
             path: path.to_path_buf(),
+            fp16,
             progress_above: 4,
         };
         m.kind = m.probe().with_context(|| format!("probing {}", path.display()))?;
@@ -181,6 +187,11 @@ impl SrModel {
         &self.path
     }
 
+    /// Whether the model's input is float16.
+    pub fn is_fp16(&self) -> bool {
+        self.fp16
+    }
+
     /// The underlying session (for benchmarks).
     pub fn session_mut(&mut self) -> &mut Session {
         &mut self.session
@@ -189,20 +200,27 @@ impl SrModel {
     /// One run on a whole input tensor.
     pub fn infer(&mut self, x: &Chw) -> Result<Chw> {
         let shape = [1usize, x.channels, x.height, x.width];
-        let input = TensorRef::from_array_view((shape, &x.data[..])).map_err(ort_err)?;
+        let half: Vec<half::f16>;
+        let input = if self.fp16 {
+            half = x.data.iter().map(|&v| half::f16::from_f32(v)).collect();
+            TensorRef::from_array_view((shape, &half[..])).map_err(ort_err)?.into_dyn()
+        } else {
+            TensorRef::from_array_view((shape, &x.data[..])).map_err(ort_err)?.into_dyn()
+        };
         let outputs = self
             .session
             .run(ort::inputs![input])
             .map_err(ort_err)
             .with_context(|| format!("running {}", self.path.display()))?;
-        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
+        let (shape, data) = if self.fp16 {
+            let (shape, d) = outputs[0].try_extract_tensor::<half::f16>().map_err(ort_err)?;
+            (shape, d.iter().map(|v| v.to_f32()).collect::<Vec<f32>>())
+        } else {
+            let (shape, d) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
+            (shape, d.to_vec())
+        };
         ensure!(shape.len() == 4 && shape[0] == 1, "expected a [1, C, H, W] output, got {:?}", &shape[..]);
-        Ok(Chw {
-            channels: shape[1] as usize,
-            height: shape[2] as usize,
-            width: shape[3] as usize,
-            data: data.to_vec(),
-        })
+        Ok(Chw { channels: shape[1] as usize, height: shape[2] as usize, width: shape[3] as usize, data })
     }
 
     /// Runs `x` in overlapping tiles (see [`Tiling`]); one run when it fits in one tile.
