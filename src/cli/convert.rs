@@ -210,7 +210,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     // Always measured, so that no conversion is silently broken: on the calibration images
     // (the built-in set unless --calib names a folder), other windows than the fits used.
     let images = a.calib.source(true).unwrap_or(ImageSource::Builtin);
-    let (quality, quality_error) = if plan.layers.is_empty() {
+    let (quality, quality_error) = if plan.layers.iter().all(|l| l.ghosts.is_empty()) {
         // Nothing ghosted: the rewrite computes what the original does.
         (None, None)
     } else {
