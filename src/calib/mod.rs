@@ -237,7 +237,7 @@ pub fn calibrate(
 /// The network output's Y planes (8-bit, shaved) on `crops` with `layers` ghosted and `weights`
 /// applied (all standard ops).
 #[allow(clippy::too_many_arguments)]
-fn output_planes(
+pub(crate) fn output_planes(
     proto: &ModelProto,
     analysis: &Analysis,
     plan: &Plan,

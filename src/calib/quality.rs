@@ -11,8 +11,7 @@ use serde::Serialize;
 
 use super::budget::{mse, y_planes};
 use super::data::{self, ImageSource};
-use super::{CalibOptions, apply_weights, capture, data_channels, probe_factor};
-use crate::emit::{EmitMode, emit};
+use super::{CalibOptions, capture, data_channels, output_planes, probe_factor};
 use crate::graph::analysis::Analysis;
 use crate::model::Model;
 use crate::plan::Plan;
@@ -79,14 +78,10 @@ pub fn measure(
     let orig = y_planes(&capture::run(&mut session, &input, &crops, &want)?[0], scale)?;
     drop(session);
 
-    let base = match weights {
-        Some(w) if !w.tensors.is_empty() => apply_weights(proto, w)?,
-        _ => proto.clone(),
-    };
-    let (ghosted, _) =
-        emit(&base, analysis, plan, EmitMode::Standard).context("emitting the plan to measure it")?;
-    let mut session = capture::open(&capture::prune_to(&ghosted, &want)?, calib.threads)?;
-    let ghost = y_planes(&capture::run(&mut session, &input, &crops, &want)?[0], scale)?;
+    let no_weights = WeightSet::default();
+    let weights = weights.unwrap_or(&no_weights);
+    let ghost = output_planes(proto, analysis, plan, weights, &input, &output, &crops, calib.threads, scale)
+        .context("running the ghost model to measure it")?;
 
     let mse_orig = mse(&orig, &hr)?;
     ensure!(mse_orig > 0.0, "the original model reproduces the held-out crops exactly");
