@@ -19,9 +19,10 @@ pub struct PolicyArgs {
     /// Also ghost 1x1 Convs (by default only 3x3 Convs are).
     #[arg(long)]
     pub allow_1x1: bool,
-    /// Fewest filters a Conv needs to be ghosted by default.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub min_channels: usize,
+    /// Fewest filters a Conv needs to be ghosted by default [default: 16; with --int8 or
+    /// --target cpu-int8, enough that the reduced Conv keeps 16 filters: 32 at λ=0.5].
+    #[arg(long, value_name = "N")]
+    pub min_channels: Option<usize>,
     /// Ghost this Conv (node name or output tensor name) even if the default policy keeps it
     /// (first/last Conv, upsampler input, kernel size, channel count). Repeatable.
     #[arg(long, value_name = "NAME")]
@@ -35,7 +36,7 @@ impl PolicyArgs {
     pub fn policy(&self) -> Policy {
         Policy {
             allow_1x1: self.allow_1x1,
-            min_channels: self.min_channels,
+            min_channels: self.min_channels.unwrap_or(Policy::default().min_channels),
             include: self.include.clone(),
             exclude: self.exclude.clone(),
         }

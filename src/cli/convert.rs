@@ -158,7 +158,12 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     }
     tick(&mut t.load);
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
-    let analysis = analysis::analyze(&index, &a.policy.policy())?;
+    let (mode, int8) = qdq::resolve(a.target, a.int8.int8, a.emit)?;
+    let mut policy = a.policy.policy();
+    if int8 && a.policy.min_channels.is_none() && a.plan.is_none() {
+        policy.min_channels = qdq::int8_min_channels(a.planning.options().ratio);
+    }
+    let analysis = analysis::analyze(&index, &policy)?;
     tick(&mut t.analyse);
     let (plan, weights, budget, calibration) = match &a.plan {
         Some(p) => {
@@ -176,7 +181,6 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         Some(w) if !w.tensors.is_empty() => std::borrow::Cow::Owned(calib::apply_weights(&m.proto, w)?),
         _ => std::borrow::Cow::Borrowed(&m.proto),
     };
-    let (mode, int8) = qdq::resolve(a.target, a.int8.int8, a.emit)?;
     let (out, emitted) = emit::emit(&source, &analysis, &plan, mode)
         .with_context(|| format!("rewriting {}", a.model.display()))?;
     if int8 && (input_fp16 || a.fp16) {

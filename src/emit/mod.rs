@@ -120,6 +120,32 @@ pub fn emit(
     Ok((out, report))
 }
 
+/// The names a graph already uses, tensors and nodes in one pool (so new names stay readable
+/// and never collide), handing out fresh ones; shared by every rewrite in this module.
+pub(crate) struct NamePool(HashSet<String>);
+
+impl NamePool {
+    pub(crate) fn of(g: &onnx::GraphProto) -> Self {
+        let mut names: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
+        names.extend(g.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
+        names.extend(g.input.iter().filter_map(|v| v.name.clone()));
+        names.extend(g.node.iter().filter_map(|n| n.name.clone()));
+        Self(names)
+    }
+
+    /// `base`, or `base_k` for the first `k` that is free; taken from then on.
+    pub(crate) fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.0.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.0.insert(name.clone());
+        name
+    }
+}
+
 /// `stored[j] = original[perm[j]]`: how a tensor's channels are laid out after the rewrite.
 pub type Perm = Rc<Vec<usize>>;
 
@@ -139,17 +165,13 @@ pub(crate) struct Emitter<'a> {
     /// Derived constants already emitted, keyed by what they were derived from, so Convs that
     /// shared weights in the original still share them.
     derived: HashMap<String, String>,
-    names: HashSet<String>,
+    names: NamePool,
     report: EmitReport,
 }
 
 impl<'a> Emitter<'a> {
     fn new(index: &'a GraphIndex<'a>, analysis: &'a Analysis, mode: EmitMode) -> Self {
-        let mut names: HashSet<String> =
-            index.graph.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
-        names.extend(index.graph.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
-        names.extend(index.graph.input.iter().filter_map(|v| v.name.clone()));
-        names.extend(index.graph.node.iter().filter_map(|n| n.name.clone()));
+        let names = NamePool::of(index.graph);
         Self {
             index,
             analysis,
@@ -166,16 +188,8 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    /// A fresh name based on `base` (tensor and node names share one pool to stay readable).
     fn fresh(&mut self, base: &str) -> String {
-        let mut name = base.to_string();
-        let mut k = 1;
-        while self.names.contains(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        self.names.insert(name.clone());
-        name
+        self.names.fresh(base)
     }
 
     fn add_init(&mut self, base: &str, mut t: TensorProto) -> String {
@@ -466,22 +480,36 @@ impl<'a> Emitter<'a> {
     /// rows copy each entry's source out of the `c_in` channels of `input`, then the one-hot
     /// depthwise Conv of [`Self::depthwise_shift`]. A copy through a one-hot row is exact (the
     /// other terms are zeros), and unlike a Gather a Conv keeps ONNX Runtime's blocked layout.
+    /// When no entry shifts (a `--max-shift 0` plan, or a layer whose ghosts all fit unshifted)
+    /// the 1x1 Conv carries the scales and biases itself and is the whole ghost stage: the
+    /// depthwise Conv would only repeat them (and costs twice the copy under int8, see
+    /// BENCHMARKS.md).
     fn conv_shift(&mut self, input: &str, c_in: usize, entries: &[Shifted], output: &str, base: &str) {
+        let unshifted = entries.iter().all(|e| e.shift == [0, 0]);
         let mut onehot = vec![0.0f32; entries.len() * c_in];
         for (o, e) in entries.iter().enumerate() {
-            onehot[o * c_in + e.source] = 1.0;
+            onehot[o * c_in + e.source] = if unshifted { e.scale } else { 1.0 };
         }
         let c_out = entries.len() as i64;
         let wname = self.add_init(
             &format!("{base}/ghostsr_select_weight"),
             onnx::f32_tensor("", &[c_out, c_in as i64, 1, 1], &onehot),
         );
-        let copied = self.fresh(&format!("{base}/ghostsr_sources"));
+        let mut ins = vec![input.to_string(), wname];
+        if unshifted && entries.iter().any(|e| e.bias != 0.0) {
+            let b: Vec<f32> = entries.iter().map(|e| e.bias).collect();
+            ins.push(
+                self.add_init(&format!("{base}/ghostsr_select_bias"), onnx::f32_tensor("", &[c_out], &b)),
+            );
+        }
+        let copied =
+            if unshifted { output.to_string() } else { self.fresh(&format!("{base}/ghostsr_sources")) };
         let name = self.fresh(&format!("{base}/ghostsr_select"));
+        let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
         self.nodes.push(onnx::node(
             "Conv",
             &name,
-            &[input, &wname],
+            &ins_ref,
             &[&copied],
             vec![
                 onnx::attr_ints_of("kernel_shape", vec![1, 1]),
@@ -490,6 +518,9 @@ impl<'a> Emitter<'a> {
                 onnx::attr_ints_of("dilations", vec![1, 1]),
             ],
         ));
+        if unshifted {
+            return;
+        }
         self.annotate(&copied, Some(entries.len()));
         self.depthwise_shift(&copied, entries, output, base);
     }
@@ -736,6 +767,38 @@ mod tests {
             for (t, &v) in k[c * 9..(c + 1) * 9].iter().enumerate() {
                 assert_eq!(v, if t == tap { 1.0 } else { 0.0 }, "channel {c} tap {t}");
             }
+        }
+    }
+
+    #[test]
+    fn unshifted_ghosts_in_the_conv_form_are_one_affine_copy_conv() {
+        let mut p = plan();
+        for g in &mut p.layers[0].ghosts {
+            g.shift = [0, 0];
+            g.scale = Some(-0.5);
+            g.bias = Some(0.25);
+        }
+        let m = model(vec![], vec![], "y1");
+        let index = GraphIndex::new(m.graph.as_ref().unwrap()).unwrap();
+        let analysis = analyze(&index, &Policy::default()).unwrap();
+        let (out, _) = emit(&m, &analysis, &p, EmitMode::Conv).unwrap();
+        let g = out.graph.as_ref().unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Conv", "Conv"], "reduced and the affine copy; no depthwise shift");
+        let copy = producer(&out, "y1");
+        let init = |name: &str| {
+            let t = g.initializer.iter().find(|t| t.name.as_deref() == Some(name)).unwrap();
+            (t.dims.clone(), onnx::tensor_f32(t).unwrap())
+        };
+        let (dims, w) = init(&copy.input[1]);
+        assert_eq!(dims, [16, 8, 1, 1]);
+        let (_, b) = init(&copy.input[2]);
+        for c in 0..16 {
+            let (scale, bias) = if c % 2 == 0 { (1.0, 0.0) } else { (-0.5, 0.25) };
+            for j in 0..8 {
+                assert_eq!(w[c * 8 + j], if j == c / 2 { scale } else { 0.0 }, "row {c}");
+            }
+            assert_eq!(b[c], bias, "bias {c}");
         }
     }
 

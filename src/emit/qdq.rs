@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
-use super::EmitMode;
+use super::{EmitMode, NamePool};
 use crate::calib::data::{self, ImageSource};
 use crate::calib::{CalibOptions, capture};
 use crate::onnx::{self, ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
@@ -63,6 +63,18 @@ pub fn resolve(target: Option<Target>, int8: bool, emit: EmitMode) -> Result<(Em
         bail!("--int8 cannot quantize the fused GhostShift form: use --emit conv (the default with --int8)");
     }
     Ok((mode, int8))
+}
+
+/// Fewest filters a reduced int8 Conv should keep: ONNX Runtime 1.31's QLinearConv runs a 3x3
+/// Conv with 8 filters 2.4x slower than the same Conv with 16 (IMDN's 48->16 Convs ghosted at
+/// λ=0.5, per-node profile in BENCHMARKS.md), so ghosting such a Conv costs time under int8.
+pub const INT8_MIN_REDUCED_FILTERS: usize = 16;
+
+/// The default `--min-channels` under int8 at ghost ratio `ratio`: the fewest filters a Conv
+/// needs for its reduced Conv to keep [`INT8_MIN_REDUCED_FILTERS`].
+pub fn int8_min_channels(ratio: f64) -> usize {
+    let keep = (1.0 - ratio).max(1e-3);
+    (INT8_MIN_REDUCED_FILTERS as f64 / keep - 1e-9).ceil() as usize
 }
 
 /// Ops whose float inputs and outputs are quantized: those ONNX Runtime's CPU provider runs on
@@ -388,10 +400,7 @@ pub fn quantize(
     let g = proto.graph.as_ref().context("the model has no graph")?;
     let inits: HashMap<&str, &TensorProto> =
         g.initializer.iter().map(|t| (onnx::tensor_name(t), t)).collect();
-    let mut names: HashSet<String> = g.node.iter().flat_map(|n| n.output.iter().cloned()).collect();
-    names.extend(g.initializer.iter().map(|t| onnx::tensor_name(t).to_string()));
-    names.extend(g.input.iter().filter_map(|v| v.name.clone()));
-    names.extend(g.node.iter().filter_map(|n| n.name.clone()));
+    let names = NamePool::of(g);
     let graph_outputs: HashSet<&str> = g.output.iter().filter_map(|o| o.name.as_deref()).collect();
     let mut wr = Writer { names, nodes: vec![], inits: vec![] };
     let mut report = QuantReport { relus_folded: lay.folded.len(), ..Default::default() };
@@ -529,21 +538,14 @@ pub fn quantize(
 
 /// The quantized graph being written, and the names taken.
 struct Writer {
-    names: HashSet<String>,
+    names: NamePool,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
 }
 
 impl Writer {
     fn fresh(&mut self, base: String) -> String {
-        let mut name = base.clone();
-        let mut k = 1;
-        while self.names.contains(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        self.names.insert(name.clone());
-        name
+        self.names.fresh(&base)
     }
 
     /// `t -> QuantizeLinear -> DequantizeLinear -> read_as` (a fresh name when `None`).
@@ -751,6 +753,15 @@ mod tests {
         assert_eq!(r(Some(Target::CpuInt8), false, EmitMode::Plugin), Ok((EmitMode::Conv, true)));
         assert_eq!(r(Some(Target::Cpu), false, EmitMode::Plugin), Ok((EmitMode::Conv, false)));
         assert!(r(None, true, EmitMode::Fused).unwrap_err().contains("fused"));
+    }
+
+    #[test]
+    fn int8_ghosts_only_convs_whose_reduced_conv_keeps_16_filters() {
+        assert_eq!(int8_min_channels(0.0), 16);
+        assert_eq!(int8_min_channels(0.5), 32);
+        assert_eq!(int8_min_channels(0.75), 64);
+        // 16 / 0.625 = 25.6 filters.
+        assert_eq!(int8_min_channels(0.375), 26);
     }
 
     #[test]
