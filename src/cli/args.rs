@@ -52,7 +52,9 @@ pub struct PlanningArgs {
     /// Seed for k-means (plans are deterministic for a given seed).
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
-    /// Largest shift in pixels, per axis, a ghost may use.
+    /// Largest shift in pixels, per axis, a ghost may use [default: 1; 0 with --int8 or
+    /// --target cpu-int8, where an unshifted ghost costs one 1x1 Conv and a shift a depthwise
+    /// Conv more].
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i64).range(0..=8))]
     pub max_shift: Option<i64>,
     /// Lloyd iterations of k-means per layer, after a k-means++ start (default 5; more costs

@@ -159,11 +159,26 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
     tick(&mut t.load);
     let index = GraphIndex::new(m.graph()).with_context(|| format!("in {}", a.model.display()))?;
     let (mode, int8) = qdq::resolve(a.target, a.int8.int8, a.emit)?;
+    // int8 planning defaults (BENCHMARKS.md, int8 on CPU): only Convs whose reduced int8 Conv
+    // stays efficient, and unshifted ghosts, whose whole ghost stage is one 1x1 Conv.
     let mut policy = a.policy.policy();
-    if int8 && a.policy.min_channels.is_none() && a.plan.is_none() {
-        policy.min_channels = qdq::int8_min_channels(a.planning.options().ratio);
+    let mut planning = a.planning.clone();
+    if int8 && a.plan.is_none() {
+        if a.policy.min_channels.is_none() {
+            policy.min_channels = qdq::int8_min_channels(planning.options().ratio);
+        }
+        planning.max_shift = planning.max_shift.or(Some(qdq::INT8_MAX_SHIFT));
     }
     let analysis = analysis::analyze(&index, &policy)?;
+    if int8 && a.plan.is_none() && a.policy.min_channels.is_none() && analysis.eligible().next().is_none() {
+        bail!(
+            "{}: no Conv is eligible for ghosting under int8: at λ={} a Conv needs {} filters for its reduced int8 Conv to keep {} (smaller ones run slower in ONNX Runtime); pass --min-channels N to ghost smaller Convs, or --ratio 0 to quantize the original",
+            a.model.display(),
+            planning.options().ratio,
+            policy.min_channels,
+            qdq::INT8_MIN_REDUCED_FILTERS
+        );
+    }
     tick(&mut t.analyse);
     let (plan, weights, budget, calibration) = match &a.plan {
         Some(p) => {
@@ -173,7 +188,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             (plan, None, None, None)
         }
-        None => make_plan(&m, &index, &analysis, &a.planning, &a.calib, &a.budget, true)?,
+        None => make_plan(&m, &index, &analysis, &planning, &a.calib, &a.budget, true)?,
     };
     tick(&mut t.plan);
     // Refit weights from calibration replace the original initializers before the rewrite.

@@ -10,6 +10,7 @@ as a QLinearConv and leave no more QuantizeLinear/DequantizeLinear nodes than OR
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,45 @@ def test_target_cpu_int8_writes_a_runnable_qdq_model(tmp_path):
     ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     assert all(np.isfinite(y).all() for y in outputs(out))
+
+
+def test_cpu_int8_ghost_stage_is_one_affine_copy_conv(tmp_path):
+    """`--target cpu-int8` plans unshifted ghosts, whose ghost stage is one 1x1 Conv carrying the
+    scales and biases (no one-hot depthwise Conv): ONNX Runtime fuses every Conv into a
+    QLinearConv and adds no Transpose to what the quantized original needs, and the output stays
+    close to the float ghost model's (as close as ONNX Runtime's quantizer gets)."""
+    q, plan, flt = tmp_path / "gq.onnx", tmp_path / "plan.json", tmp_path / "g.onnx"
+    ghostsr("convert", FIXTURE, "-o", q, *CALIB, "--target", "cpu-int8", "--ratio", "0.5", "--save-plan", plan)
+    p = json.loads(plan.read_text())
+    layers = [layer for layer in p["layers"] if layer["ghosts"]]
+    assert p["max_shift"] == 0 and layers, p["max_shift"]
+    assert all(g["shift"] == [0, 0] for layer in layers for g in layer["ghosts"])
+    onnx.checker.check_model(str(q), full_check=True)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(FIXTURE)).graph.node)
+    nodes = onnx.load(str(q)).graph.node
+    ours = [n for n in nodes if n.op_type == "Conv"]
+    assert len(ours) == convs + len(layers), "a reduced Conv and one copy Conv per ghosted Conv"
+    assert not any(a.name == "group" and a.i > 1 for n in ours for a in n.attribute), "no depthwise Conv"
+    o = optimized_ops(q, tmp_path)
+    assert o["QLinearConv"] == len(ours) and o["Conv"] == 0 and o["FusedConv"] == 0, o
+    original = optimized_ops(ort_int8(FIXTURE, tmp_path / "orig.ort_int8.onnx"), tmp_path)
+    assert o["Transpose"] == original["Transpose"], (o, original)
+    # As close to the float ghost model as ONNX Runtime's quantizer gets on that model.
+    ghostsr("convert", FIXTURE, "-o", flt, "--plan", plan, "--target", "cpu")
+    reference = outputs(flt)
+    f_ours, f_theirs = fidelity(q, reference), fidelity(ort_int8(flt, tmp_path / "g.ort_int8.onnx"), reference)
+    assert f_ours >= f_theirs - 0.1, f"ghostsr int8 {f_ours:.2f} dB vs ORT's quantizer {f_theirs:.2f} dB"
+
+
+def test_int8_ghosts_only_convs_whose_reduced_conv_keeps_16_filters(tmp_path):
+    # The fixture's Convs have 32 filters: at λ=0.75 a reduced Conv would keep 8.
+    out = tmp_path / "q.onnx"
+    proc = ghostsr("convert", FIXTURE, "-o", out, *CALIB, "--target", "cpu-int8", "--ratio", "0.75", ok=False)
+    assert proc.returncode == 1 and "--min-channels" in proc.stderr, proc.stderr
+    assert not out.exists()
+    proc = ghostsr("convert", FIXTURE, "-o", out, *CALIB, "--target", "cpu-int8", "--ratio", "0.75",
+                   "--min-channels", "32")
+    assert "Convs ghosted:  8 of 12" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("args,words", [
