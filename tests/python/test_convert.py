@@ -177,8 +177,10 @@ def test_conv_form_equals_fused_form(name, convert):
     original, rewritten = onnx.load(str(path)), check_model_form(conv_out, "conv", conv_plan)
     for op in ("Gather", "Concat"):
         assert ops(rewritten).count(op) == ops(original).count(op), op
-    ghosted = sum(1 for layer in conv_plan["layers"] if layer["ghosts"])
-    assert ops(rewritten).count("Conv") == ops(original).count("Conv") + 2 * ghosted
+    # A copy Conv per ghosted Conv, and a depthwise shift Conv where some ghost shifts.
+    stages = sum(1 + any(g["shift"] != [0, 0] for g in layer["ghosts"])
+                 for layer in conv_plan["layers"] if layer["ghosts"])
+    assert ops(rewritten).count("Conv") == ops(original).count("Conv") + stages
     feed = feed_for(path)
     # At every optimisation level: at ORT_ENABLE_ALL the CPU provider runs both in its blocked
     # layout (what the benchmarks time), with other kernels and summation orders.
@@ -412,6 +414,27 @@ def test_edited_plan_with_scale_and_bias(name, convert, tmp_path):
         got_biases += list(attrs.get("biases", [0.0] * n))
     np.testing.assert_allclose(sorted(got_scales), want_scales, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(sorted(got_biases), want_biases, rtol=1e-6, atol=1e-7)
+
+
+def test_unshifted_conv_form_is_one_affine_copy_conv(convert, tmp_path):
+    """Unshifted ghosts with scales and biases (what `--target cpu-int8` plans): the conv form's
+    whole ghost stage is the 1x1 copy Conv carrying them, and it computes the plan."""
+    path = MODELS_DIR / "imdn_x4.onnx"
+    _, plan = convert(path, "--emit", "standard", "--ratio", "0.5")
+    plan = dict(plan, max_shift=0)
+    edited = edit_plan(plan, seed=3)
+    assert all(g["shift"] == [0, 0] for lay in edited["layers"] for g in lay["ghosts"])
+    plan_file = tmp_path / "unshifted.plan.json"
+    plan_file.write_text(json.dumps(edited))
+    conv = tmp_path / "unshifted.conv.onnx"
+    ghostsr("convert", path, "-o", conv, "--emit", "conv", "--plan", plan_file)
+    check_model_form(conv, "conv", edited)
+    ghosted = sum(1 for layer in edited["layers"] if layer["ghosts"])
+    convs = lambda m: [n for n in m.graph.node if n.op_type == "Conv"]  # noqa: E731
+    rewritten = convs(onnx.load(str(conv)))
+    assert len(rewritten) == len(convs(onnx.load(str(path)))) + ghosted
+    assert not any(a.name == "group" and a.i > 1 for n in rewritten for a in n.attribute)
+    assert_matches_reference(conv, path, edited, what="imdn_x4 unshifted affine plan (conv form)")
 
 
 # ----------------------------------------------------------------------------- inspect
