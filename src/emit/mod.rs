@@ -45,9 +45,10 @@ pub enum EmitMode {
     Fused,
     /// Standard ONNX Convs only, every channel in the original order: the reduced Conv, a
     /// one-hot 1x1 Conv that copies each output channel's source, and a one-hot depthwise Conv
-    /// for shift, scale and bias. No Concat, Gather or permutation, so ONNX Runtime's CPU
-    /// provider keeps the whole network in its blocked NCHWc layout and fuses the following
-    /// Relu or residual Add into the depthwise Conv (fastest there; see BENCHMARKS.md).
+    /// for shift, scale and bias (where no ghost of a Conv shifts, the 1x1 Conv carries scale
+    /// and bias and is the whole ghost stage). No Concat, Gather or permutation, so ONNX
+    /// Runtime's CPU provider keeps the whole network in its blocked NCHWc layout and fuses the
+    /// following Relu or residual Add into the depthwise Conv (fastest there; see BENCHMARKS.md).
     Conv,
 }
 

@@ -80,8 +80,8 @@ pub fn int8_min_channels(ratio: f64) -> usize {
 /// The default `--max-shift` under int8: unshifted ghosts. Their ghost stage is one 1x1 Conv
 /// carrying the scales and biases, where a shift needs a one-hot depthwise Conv as well, and
 /// ONNX Runtime 1.31's int8 depthwise Conv costs twice the copy (a third of a ghosted layer's
-/// time on EDSR-baseline); on IMDN, unshifted ghosts at λ=0.375 match shifted ones at λ=0.5 in
-/// speed and lose less (BENCHMARKS.md).
+/// time on EDSR-baseline); on IMDN at λ=0.5 unshifted ghosts score as shifted ones do on Set5
+/// and run 14 % faster (BENCHMARKS.md).
 pub const INT8_MAX_SHIFT: i64 = 0;
 
 /// Ops whose float inputs and outputs are quantized: those ONNX Runtime's CPU provider runs on
