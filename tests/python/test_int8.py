@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +128,8 @@ def test_cpu_int8_ghost_stage_is_one_affine_copy_conv(tmp_path):
     QLinearConv and adds no Transpose to what the quantized original needs, and the output stays
     close to the float ghost model's (as close as ONNX Runtime's quantizer gets)."""
     q, plan, flt = tmp_path / "gq.onnx", tmp_path / "plan.json", tmp_path / "g.onnx"
-    ghostsr("convert", FIXTURE, "-o", q, *CALIB, "--target", "cpu-int8", "--ratio", "0.5", "--save-plan", plan)
+    ghostsr("convert", FIXTURE, "-o", q, *CALIB, "--target", "cpu-int8", "--ratio", "0.5",
+            "--save-plan", plan)
     p = json.loads(plan.read_text())
     layers = [layer for layer in p["layers"] if layer["ghosts"]]
     assert p["max_shift"] == 0 and layers, p["max_shift"]
@@ -144,7 +147,8 @@ def test_cpu_int8_ghost_stage_is_one_affine_copy_conv(tmp_path):
     # As close to the float ghost model as ONNX Runtime's quantizer gets on that model.
     ghostsr("convert", FIXTURE, "-o", flt, "--plan", plan, "--target", "cpu")
     reference = outputs(flt)
-    f_ours, f_theirs = fidelity(q, reference), fidelity(ort_int8(flt, tmp_path / "g.ort_int8.onnx"), reference)
+    theirs = ort_int8(flt, tmp_path / "g.ort_int8.onnx")
+    f_ours, f_theirs = fidelity(q, reference), fidelity(theirs, reference)
     assert f_ours >= f_theirs - 0.1, f"ghostsr int8 {f_ours:.2f} dB vs ORT's quantizer {f_theirs:.2f} dB"
 
 
@@ -157,6 +161,20 @@ def test_int8_ghosts_only_convs_whose_reduced_conv_keeps_16_filters(tmp_path):
     proc = ghostsr("convert", FIXTURE, "-o", out, *CALIB, "--target", "cpu-int8", "--ratio", "0.75",
                    "--min-channels", "32")
     assert "Convs ghosted:  8 of 12" in proc.stdout, proc.stdout
+
+
+def test_ort_int8_script_writes_ort_quantized_model_and_keeps_existing_files(tmp_path):
+    """scripts/ort_int8.py, the baseline BENCHMARKS.md times ghost int8 models against."""
+    out = tmp_path / "ort.onnx"
+    script = REPO / "scripts" / "ort_int8.py"
+    cmd = [sys.executable, str(script), str(FIXTURE), str(out), "--images", str(BSD68)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == sum(n.op_type == "Conv" for n in onnx.load(str(FIXTURE)).graph.node), ops
+    before = out.read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "exists" in again.stderr and out.read_bytes() == before
 
 
 @pytest.mark.parametrize("args,words", [
