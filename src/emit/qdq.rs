@@ -12,7 +12,9 @@
 //! a few outliers. Why the ghost stage is the Convs-only form (a one-hot 1x1 copy and a one-hot
 //! depthwise Conv, both quantized): it keeps the whole network in ONNX Runtime's NHWC int8 path;
 //! the Concat-and-permute forms turn Splits of permuted tensors into Gathers (or copy Convs) and
-//! their Transposes cost more than the copies (measured in BENCHMARKS.md).
+//! their Transposes cost more than the copies, and shifting with Pad/Slice/Concat on the uint8
+//! tensor costs more than the depthwise Conv (measured in BENCHMARKS.md). int8 plans default to
+//! unshifted ghosts ([`INT8_MAX_SHIFT`]), whose ghost stage is the copy Conv alone.
 
 use std::collections::{HashMap, HashSet};
 
