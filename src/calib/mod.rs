@@ -22,6 +22,7 @@ pub mod data;
 pub mod fit;
 pub mod quality;
 pub mod refit;
+pub mod resume;
 
 use std::collections::HashMap;
 
@@ -211,6 +212,44 @@ pub struct LayerDecision {
     pub damage_fidelity_db: Option<f64>,
 }
 
+/// Wall time per calibration phase, printed to stderr when `GHOSTSR_CALIB_PROFILE` is set (to
+/// see where calibration's time goes; not part of any output format).
+#[derive(Default)]
+struct Profile {
+    on: bool,
+    phases: std::cell::RefCell<Vec<(&'static str, f64, usize)>>,
+}
+
+impl Profile {
+    fn new() -> Self {
+        Self { on: std::env::var_os("GHOSTSR_CALIB_PROFILE").is_some(), phases: Default::default() }
+    }
+
+    /// Runs `f`, adding its wall time to phase `name`.
+    fn time<T>(&self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f();
+        let dt = t.elapsed().as_secs_f64();
+        let mut phases = self.phases.borrow_mut();
+        match phases.iter_mut().find(|p| p.0 == name) {
+            Some(p) => {
+                p.1 += dt;
+                p.2 += 1;
+            }
+            None => phases.push((name, dt, 1)),
+        }
+        r
+    }
+
+    fn print(&self) {
+        if self.on {
+            for (name, s, n) in self.phases.borrow().iter() {
+                eprintln!("calib profile: {name:<14} {s:8.2} s over {n} calls");
+            }
+        }
+    }
+}
+
 /// Per-layer decisions of a calibration, in graph order.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CalibReport {
@@ -265,6 +304,7 @@ pub fn calibrate_with_report(
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<(Plan, WeightSet, CalibReport)> {
     let images: ImageSource = images.into();
+    let prof = Profile::new();
     let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
     let proto = &model.proto;
     let input = capture::input_name(proto)?;
@@ -317,8 +357,11 @@ pub fn calibrate_with_report(
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
     let spec = calib.crop_spec(channels, scale, factor == 1);
     let crops = data::crops(&images, &spec)?;
-    let truth: HashMap<String, Maps> =
-        names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
+    let truth: HashMap<String, Maps> = prof.time("truth run", || {
+        Ok::<_, anyhow::Error>(
+            names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect(),
+        )
+    })?;
     drop(session);
 
     // The guard's validation crops (other windows than the fits' and the quality report's) and
@@ -331,11 +374,21 @@ pub fn calibrate_with_report(
     } else {
         Vec::new()
     };
-    let planes = |layers: &[LayerPlan], w: &WeightSet| {
-        let plan = Plan::new(&model.sha256, plan_opts.max_shift, layers.to_vec());
-        output_planes(proto, analysis, &plan, w, &input, &final_out, &guard_crops, calib.threads, shave)
+    // Each step runs only the network after its Conv, from the features kept at its cut, for
+    // the fit crops and the guard's crops ([`resume`]).
+    let cuts = prof.time("cuts", || resume::Cuts::new(proto, &crops[0], calib.threads))?;
+    let fit_start = resume::Resume::start(&input, &crops)?;
+    let mut fit_at = fit_start.clone();
+    let guard_start = if guard { Some(resume::Resume::start(&input, &guard_crops)?) } else { None };
+    let mut guard_at = guard_start.clone();
+    let want_out = [final_out.clone()];
+    let original_out = match &guard_start {
+        Some(g) => budget::y_planes(
+            &prof.time("guard", || resume::eval(proto, g, &want_out, calib.threads))?[0],
+            shave,
+        )?,
+        None => Vec::new(),
     };
-    let original_out = if guard { planes(&[], &WeightSet::default())? } else { Vec::new() };
     // The output error (MSE against the original's output) of the state decided so far, and
     // the most a layer may add to it.
     let mut err_so_far = 0.0;
@@ -344,10 +397,15 @@ pub fn calibrate_with_report(
 
     let mut done: Vec<LayerPlan> = Vec::new();
     let mut weights = WeightSet::default();
+    // The network in the state decided so far (every original tensor under its own name).
+    let mut state = proto.clone();
+    let state_of = |layers: &[LayerPlan], w: &WeightSet| {
+        resume::state_model(proto, analysis, &model.sha256, plan_opts.max_shift, w, layers)
+    };
     let mut first_intrinsic: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
     let mut equations: HashMap<String, Vec<Vec<refit::GroupEquations>>> = HashMap::new();
     let total = layers.len();
-    for &(start_layer, conv) in &steps {
+    for (k, &(start_layer, conv)) in steps.iter().enumerate() {
         let at = || format!("calibrating Conv \"{}\" (output \"{}\")", conv.node, conv.output);
         let y_true = &truth[&conv.output];
         let do_refit = calib.refit && refittable(conv);
@@ -355,6 +413,21 @@ pub fn calibrate_with_report(
         if start_layer.is_none() && !(do_refit && y_true.h * y_true.w >= 64) {
             continue;
         }
+        let pos = conv.node_index;
+        // The first node this step can change: a refit changes every Conv sharing the weights.
+        let changes_from = if do_refit {
+            analysis
+                .convs
+                .iter()
+                .filter(|c| c.weight == conv.weight)
+                .map(|c| c.node_index)
+                .min()
+                .unwrap_or(pos)
+        } else {
+            pos
+        };
+        // The next step's cut, which the guard's run of this step computes on the way.
+        let next_pos = steps.get(k + 1).map(|(_, c)| c.node_index);
         // This Conv's output (and input) in the partly ghosted network.
         // (With nothing decided yet the original's features serve, if captured: the guard may
         // have undone the first layers, and only the first step's input is captured.)
@@ -364,11 +437,14 @@ pub fn calibrate_with_report(
             if do_refit {
                 want.push(conv.input.clone());
             }
-            let base = capture::with_outputs(&apply_weights(proto, &weights)?, &want)?;
-            let partial = Plan::new(&model.sha256, plan_opts.max_shift, done.clone());
-            let (ghosted, _) = emit(&base, analysis, &partial, EmitMode::Standard).with_context(at)?;
-            let mut s = capture::open(&capture::prune_to(&ghosted, &want)?, calib.threads)?;
-            Some(capture::run(&mut s, &input, &crops, &want).with_context(at)?)
+            prof.time("advance", || {
+                resume::advance(&state, &cuts, &mut fit_at, &fit_start, pos, calib.threads)
+            })
+            .with_context(at)?;
+            Some(
+                prof.time("capture", || resume::eval(&state, &fit_at, &want, calib.threads))
+                    .with_context(at)?,
+            )
         } else {
             None
         };
@@ -376,24 +452,60 @@ pub fn calibrate_with_report(
             Some(c) => &c[1],
             None => &truth[&conv.input],
         };
+        // Runs the guard on the tentative state `layers` + `w`: the new output error, and the
+        // guard crops' features at the next step's cut in that state.
+        let mut guard_run =
+            |layers: &[LayerPlan], w: &WeightSet| -> Result<(f64, ModelProto, Option<resume::Resume>)> {
+                let tentative = prof.time("state emit", || state_of(layers, w))?;
+                let (Some(g_at), Some(g_start)) = (guard_at.as_mut(), guard_start.as_ref()) else {
+                    return Ok((0.0, tentative, None));
+                };
+                prof.time("advance", || {
+                    resume::advance(&state, &cuts, g_at, g_start, changes_from, calib.threads)
+                })?;
+                let mut want = want_out.to_vec();
+                let next_cut = match next_pos {
+                    Some(p) if cuts.usable() && p > pos => cuts.at(p),
+                    _ => Vec::new(),
+                };
+                want.extend(next_cut.iter().cloned());
+                let mut outs = prof.time("guard", || resume::eval(&tentative, g_at, &want, calib.threads))?;
+                let rest = outs.split_off(1);
+                let err = budget::mse(&budget::y_planes(&outs[0], shave)?, &original_out)?;
+                let next = (!next_cut.is_empty()).then(|| resume::Resume {
+                    pos: next_pos.unwrap_or(0),
+                    maps: next_cut.into_iter().zip(rest).collect(),
+                });
+                Ok((err, tentative, next))
+            };
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
-            let before = guard.then(|| weights.clone());
-            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
-                .with_context(at)?;
-            if let Some(before) = before {
-                // Kept only if it lowers the output error on the validation crops.
-                let err = budget::mse(&planes(&done, &weights).with_context(at)?, &original_out)?;
-                let kept = err < err_so_far;
-                if kept {
-                    err_so_far = err;
-                } else {
-                    weights = before;
-                    if let Some(uses) = equations.get_mut(&conv.weight) {
-                        uses.pop();
-                    }
+            let before = weights.clone();
+            prof.time("refit", || {
+                refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
+            })
+            .with_context(at)?;
+            let (err, tentative, next) = guard_run(&done, &weights).with_context(at)?;
+            // Kept only if it lowers the output error on the validation crops.
+            let kept = !guard || err < err_so_far;
+            if kept {
+                err_so_far = err;
+                state = tentative;
+                if let Some(next) = next {
+                    guard_at = Some(next);
                 }
+                // Shared weights: an earlier Conv's features changed too (see below).
+                if changes_from < pos {
+                    fit_at = fit_start.clone();
+                }
+            } else {
+                weights = before;
+                if let Some(uses) = equations.get_mut(&conv.weight) {
+                    uses.pop();
+                }
+            }
+            if guard {
                 report.layers.push(LayerDecision {
                     node: conv.node.clone(),
                     conv_output: conv.output.clone(),
@@ -405,13 +517,15 @@ pub fn calibrate_with_report(
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
-        let stats = PairStats::compute(y_true, y_cur, plan_opts.max_shift);
+        let stats = prof.time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift));
         let key = (conv.weight.clone(), conv.bias.clone());
         let intrinsic = match first_intrinsic.get(&key) {
             Some(i) => i.clone(),
             None if calib.data_intrinsic => {
                 let keep = start_layer.intrinsic.len() / conv.group;
-                fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+                prof.time("intrinsic", || {
+                    fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+                })
             }
             None => start_layer.intrinsic.clone(),
         };
@@ -419,19 +533,21 @@ pub fn calibrate_with_report(
         first_intrinsic.entry(key.clone()).or_insert_with(|| intrinsic.clone());
         let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
-        let weights_before = guard.then(|| weights.clone());
+        let weights_before = weights.clone();
         if do_refit {
-            refit_into(
-                index,
-                conv,
-                x_cur(),
-                y_true,
-                &layer.intrinsic,
-                &layer.ghosts,
-                calib,
-                &mut equations,
-                &mut weights,
-            )
+            prof.time("refit", || {
+                refit_into(
+                    index,
+                    conv,
+                    x_cur(),
+                    y_true,
+                    &layer.intrinsic,
+                    &layer.ghosts,
+                    calib,
+                    &mut equations,
+                    &mut weights,
+                )
+            })
             .with_context(at)?;
         }
         let mut decision = LayerDecision {
@@ -441,17 +557,17 @@ pub fn calibrate_with_report(
             kept: true,
             damage_fidelity_db: None,
         };
-        if let Some(before) = weights_before {
-            let mut with = done.clone();
-            with.push(layer.clone());
-            let err = budget::mse(&planes(&with, &weights).with_context(at)?, &original_out)?;
+        let mut with = done.clone();
+        with.push(layer.clone());
+        let (err, tentative, next) = guard_run(&with, &weights).with_context(at)?;
+        if guard {
             let damage = err - err_so_far;
             decision.damage_fidelity_db = (damage > 0.0).then(|| 10.0 * (255.0f64 * 255.0 / damage).log10());
             if damage > max_damage {
                 // Undo: the Conv stays whole, with its original weights, and a later use of the
                 // same weights chooses its own intrinsic set.
                 decision.kept = false;
-                weights = before;
+                weights = weights_before;
                 if do_refit && let Some(uses) = equations.get_mut(&conv.weight) {
                     uses.pop();
                 }
@@ -466,9 +582,19 @@ pub fn calibrate_with_report(
         report.layers.push(decision);
         if kept {
             done.push(layer);
+            state = tentative;
+            if let Some(next) = next {
+                guard_at = Some(next);
+            }
+        }
+        // A refit of weights an earlier Conv shares changes features before this cut (the
+        // guard's run of the step started before them, so its next cut holds).
+        if kept && changes_from < pos {
+            fit_at = fit_start.clone();
         }
         progress(report.layers.iter().filter(|l| l.step == Step::Ghost).count(), total, &conv.output);
     }
+    prof.print();
     // The plan lists layers in the k-means plan's order.
     let order: HashMap<&str, usize> =
         start.layers.iter().enumerate().map(|(i, l)| (l.conv_output.as_str(), i)).collect();
