@@ -82,6 +82,9 @@ pub struct CalibOptions {
     pub guard_db: f64,
     /// Validation crops the guard measures on (at most `count`).
     pub guard_count: usize,
+    /// Views of each fit crop (1..=8 of its flips and rotations, [`data::augment`]): more
+    /// equations from the same images, at that many times the fits' time and memory.
+    pub augment: usize,
 }
 
 impl Default for CalibOptions {
@@ -101,6 +104,7 @@ impl Default for CalibOptions {
             scale: None,
             guard_db: 47.0,
             guard_count: 8,
+            augment: 2,
         }
     }
 }
@@ -356,7 +360,7 @@ pub fn calibrate_with_report(
     let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
     let spec = calib.crop_spec(channels, scale, factor == 1);
-    let crops = data::crops(&images, &spec)?;
+    let crops = data::augment(&data::crops(&images, &spec)?, calib.augment);
     let truth: HashMap<String, Maps> = prof.time("truth run", || {
         Ok::<_, anyhow::Error>(
             names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect(),
@@ -381,6 +385,23 @@ pub fn calibrate_with_report(
     let mut fit_at = fit_start.clone();
     let guard_start = if guard { Some(resume::Resume::start(&input, &guard_crops)?) } else { None };
     let mut guard_at = guard_start.clone();
+    // A refit of weights that an earlier Conv shares (CARN) changes features from that Conv on:
+    // the features at such earlier Convs' cuts are kept too, to restart from there.
+    let shares_from = |conv: &ConvInfo| {
+        let first = analysis.convs.iter().filter(|c| c.weight == conv.weight).map(|c| c.node_index).min();
+        first.filter(|&f| f < conv.node_index && calib.refit && refittable(conv))
+    };
+    let restart_at: Vec<Option<usize>> = steps.iter().map(|(_, c)| shares_from(c)).collect();
+    let mut fit_restarts = vec![fit_start.clone()];
+    let mut guard_restarts: Vec<resume::Resume> = guard_start.iter().cloned().collect();
+    // Keeps `r` among `restarts` if a step from `k` on may restart there.
+    let keep = |restarts: &mut Vec<resume::Resume>, r: &resume::Resume, k: usize| {
+        if restart_at[k.min(restart_at.len())..].contains(&Some(r.pos))
+            && !restarts.iter().any(|s| s.pos == r.pos)
+        {
+            restarts.push(r.clone());
+        }
+    };
     let want_out = [final_out.clone()];
     let original_out = match &guard_start {
         Some(g) => budget::y_planes(
@@ -438,9 +459,10 @@ pub fn calibrate_with_report(
                 want.push(conv.input.clone());
             }
             prof.time("advance", || {
-                resume::advance(&state, &cuts, &mut fit_at, &fit_start, pos, calib.threads)
+                resume::advance(&state, &cuts, &mut fit_at, &fit_restarts, pos, calib.threads)
             })
             .with_context(at)?;
+            keep(&mut fit_restarts, &fit_at, k);
             Some(
                 prof.time("capture", || resume::eval(&state, &fit_at, &want, calib.threads))
                     .with_context(at)?,
@@ -457,11 +479,11 @@ pub fn calibrate_with_report(
         let mut guard_run =
             |layers: &[LayerPlan], w: &WeightSet| -> Result<(f64, ModelProto, Option<resume::Resume>)> {
                 let tentative = prof.time("state emit", || state_of(layers, w))?;
-                let (Some(g_at), Some(g_start)) = (guard_at.as_mut(), guard_start.as_ref()) else {
+                let Some(g_at) = guard_at.as_mut() else {
                     return Ok((0.0, tentative, None));
                 };
                 prof.time("advance", || {
-                    resume::advance(&state, &cuts, g_at, g_start, changes_from, calib.threads)
+                    resume::advance(&state, &cuts, g_at, &guard_restarts, changes_from, calib.threads)
                 })?;
                 let mut want = want_out.to_vec();
                 let next_cut = match next_pos {
@@ -497,7 +519,9 @@ pub fn calibrate_with_report(
                 }
                 // Shared weights: an earlier Conv's features changed too (see below).
                 if changes_from < pos {
-                    fit_at = fit_start.clone();
+                    fit_restarts.retain(|r| r.pos <= changes_from);
+                    guard_restarts.retain(|r| r.pos <= changes_from);
+                    fit_at = resume::restart(&fit_restarts, changes_from)?;
                 }
             } else {
                 weights = before;
@@ -530,10 +554,9 @@ pub fn calibrate_with_report(
             None => start_layer.intrinsic.clone(),
         };
         let first_use = !first_intrinsic.contains_key(&key);
-        first_intrinsic.entry(key.clone()).or_insert_with(|| intrinsic.clone());
+        let weights_before = weights.clone();
         let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
-        let weights_before = weights.clone();
         if do_refit {
             prof.time("refit", || {
                 refit_into(
@@ -550,6 +573,12 @@ pub fn calibrate_with_report(
             })
             .with_context(at)?;
         }
+        if first_use {
+            first_intrinsic.insert(key.clone(), layer.intrinsic.clone());
+        }
+        let mut with = done.clone();
+        with.push(layer.clone());
+        let (err, tentative, next) = guard_run(&with, &weights).with_context(at)?;
         let mut decision = LayerDecision {
             node: conv.node.clone(),
             conv_output: conv.output.clone(),
@@ -557,9 +586,6 @@ pub fn calibrate_with_report(
             kept: true,
             damage_fidelity_db: None,
         };
-        let mut with = done.clone();
-        with.push(layer.clone());
-        let (err, tentative, next) = guard_run(&with, &weights).with_context(at)?;
         if guard {
             let damage = err - err_so_far;
             decision.damage_fidelity_db = (damage > 0.0).then(|| 10.0 * (255.0f64 * 255.0 / damage).log10());
@@ -590,8 +616,15 @@ pub fn calibrate_with_report(
         // A refit of weights an earlier Conv shares changes features before this cut (the
         // guard's run of the step started before them, so its next cut holds).
         if kept && changes_from < pos {
-            fit_at = fit_start.clone();
+            fit_restarts.retain(|r| r.pos <= changes_from);
+            guard_restarts.retain(|r| r.pos <= changes_from);
+            fit_at = resume::restart(&fit_restarts, changes_from)?;
         }
+        if let Some(g) = &guard_at {
+            keep(&mut guard_restarts, g, k + 1);
+        }
+        fit_restarts.retain(|r| r.pos == 0 || restart_at[k + 1..].contains(&Some(r.pos)));
+        guard_restarts.retain(|r| r.pos == 0 || restart_at[k + 1..].contains(&Some(r.pos)));
         progress(report.layers.iter().filter(|l| l.step == Step::Ghost).count(), total, &conv.output);
     }
     prof.print();

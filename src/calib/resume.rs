@@ -162,13 +162,14 @@ pub fn eval(state: &ModelProto, from: &Resume, want: &[String], threads: usize) 
         .collect()
 }
 
-/// Moves `r` to the cut at node `pos` in `state` (from the network input `start` if `r` is
-/// past it). Without usable cuts `r` stays at the input.
+/// Moves `r` to the cut at node `pos` in `state`; if `r` is past it, from the latest of
+/// `restarts` (still valid features at earlier cuts, the network input first) not past it.
+/// Without usable cuts `r` stays at the input.
 pub fn advance(
     state: &ModelProto,
     cuts: &Cuts,
     r: &mut Resume,
-    start: &Resume,
+    restarts: &[Resume],
     pos: usize,
     threads: usize,
 ) -> Result<()> {
@@ -176,8 +177,8 @@ pub fn advance(
         return Ok(());
     }
     if r.pos > pos {
-        *r = start.clone();
-        if pos == 0 {
+        *r = restart(restarts, pos)?;
+        if r.pos == pos {
             return Ok(());
         }
     }
@@ -185,6 +186,16 @@ pub fn advance(
     let maps = eval(state, r, &names, threads)?;
     *r = Resume { pos, maps: names.into_iter().zip(maps).collect() };
     Ok(())
+}
+
+/// The latest of `restarts` at or before node `pos`.
+pub fn restart(restarts: &[Resume], pos: usize) -> Result<Resume> {
+    restarts
+        .iter()
+        .filter(|r| r.pos <= pos)
+        .max_by_key(|r| r.pos)
+        .cloned()
+        .context("internal error: no features to restart the network from")
 }
 
 impl Cuts {
@@ -270,7 +281,8 @@ mod tests {
         let want = ["y".to_string()];
         let full = eval(&p, &start, &want, 1).unwrap().remove(0);
         let mut r = start.clone();
-        advance(&p, &cuts, &mut r, &start, 5, 1).unwrap();
+        let restarts = [start.clone()];
+        advance(&p, &cuts, &mut r, &restarts, 5, 1).unwrap();
         assert_eq!(r.pos, 5);
         assert!(!r.maps.contains_key("x"));
         let resumed = eval(&p, &r, &want, 1).unwrap().remove(0);
@@ -280,7 +292,7 @@ mod tests {
         // The output really depends on t (= 4): not a model whose shape branch is dead.
         assert!(full.data.iter().any(|v| v.abs() > 1e-3));
         // Moving back resumes from the input.
-        advance(&p, &cuts, &mut r, &start, 0, 1).unwrap();
+        advance(&p, &cuts, &mut r, &restarts, 0, 1).unwrap();
         assert_eq!(r.pos, 0);
         assert!(r.maps.contains_key("x"));
     }
