@@ -5,7 +5,8 @@
 //! on calibration crops ([`data`]) in ONNX Runtime and captures every ghosted Conv's output
 //! ([`capture`]). Then, Conv by Conv in graph order, it captures the same Conv's output (and
 //! input) in the PARTLY ghosted network — the layers already decided, emitted in standard ops
-//! with their refit weights — and chooses, by least error against the original network's
+//! with their refit weights, run from the features kept where the network crosses that Conv
+//! ([`resume`]) — and chooses, by least error against the original network's
 //! feature maps ([`fit`]): the intrinsic set (k-medoids on the pairwise ghost-error matrix, per
 //! group), each ghost's source and shift, and its affine terms; finally it refits the kept
 //! filters by ridge least squares through the ghost map ([`refit`]). Every stage can be turned
