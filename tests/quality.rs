@@ -148,7 +148,8 @@ fn an_overfitting_refit_is_rejected_on_the_validation_crops() {
     let index = GraphIndex::new(m.graph()).unwrap();
     let analysis = analyze(&index, &Policy::default()).unwrap();
     let popts = PlanOptions { ratio: 0.5, ..Default::default() };
-    let c = CalibOptions { count: 1, size: 12, ridge: 1e-4, guard_db: 1.0, ..Default::default() };
+    // One crop, one view, almost no ridge: refits that fit the crop and not the validation crops.
+    let c = CalibOptions { count: 1, size: 12, ridge: 1e-4, guard_db: 1.0, augment: 1, ..Default::default() };
     let (_, weights, report) =
         calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {})
             .unwrap();

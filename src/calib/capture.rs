@@ -113,3 +113,107 @@ pub fn run(session: &mut Session, input: &str, crops: &[Chw], names: &[String]) 
     }
     out.into_iter().map(|m| m.context("no calibration crops")).collect()
 }
+
+/// Keeps only what computing `names` needs when the tensors in `stops` are given: like
+/// [`prune_to`], but the walk back ends at a stop, which becomes a graph input (float NCHW).
+/// Returns the model and the stops it reads, its inputs. (Calibration runs only the part of the
+/// network after the layer it decides, from features it kept of the state before.)
+pub fn prune_from(
+    proto: &ModelProto,
+    names: &[String],
+    stops: &std::collections::HashSet<String>,
+) -> Result<(ModelProto, Vec<String>)> {
+    let data = input_name(proto)?;
+    let mut p = proto.clone();
+    let g = p.graph.as_mut().context("the model has no graph")?;
+    let mut needed: std::collections::HashSet<String> = names.iter().cloned().collect();
+    let mut produced: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| needed.contains(o) && !stops.contains(o)) {
+            keep[i] = true;
+            produced.extend(n.output.iter().cloned());
+            needed.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+        }
+    }
+    let mut k = keep.iter();
+    g.node.retain(|_| *k.next().unwrap_or(&false));
+    let mut inputs: Vec<String> =
+        stops.iter().filter(|s| needed.contains(*s) && !produced.contains(*s)).cloned().collect();
+    inputs.sort();
+    let data_vi = g.input.iter().find(|v| v.name.as_deref() == Some(data.as_str())).cloned();
+    g.input = inputs
+        .iter()
+        .map(|n| match &data_vi {
+            Some(vi) if *n == data => vi.clone(),
+            _ => onnx::value_info_nchw(n, [None; 4]),
+        })
+        .collect();
+    g.output = names.iter().map(|n| onnx::value_info_nchw(n, [None; 4])).collect();
+    g.initializer.retain(|t| {
+        needed.contains(onnx::tensor_name(t)) && !inputs.iter().any(|i| i == onnx::tensor_name(t))
+    });
+    Ok((p, inputs))
+}
+
+/// Runs `session` once per crop, feeding crop `k` of each `feeds` tensor (`[crops, C, H, W]`,
+/// by graph input name), and returns each named output stacked over the crops.
+pub fn run_fed(session: &mut Session, feeds: &[(&str, &Maps)], names: &[String]) -> Result<Vec<Maps>> {
+    let n = feeds.first().map(|(_, m)| m.n).context("no inputs to feed")?;
+    ensure!(feeds.iter().all(|(_, m)| m.n == n), "fed tensors differ in crop count");
+    let mut out: Vec<Option<Maps>> = vec![None; names.len()];
+    for k in 0..n {
+        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(feeds.len());
+        for (name, m) in feeds {
+            let len = m.c * m.h * m.w;
+            let shape = [1usize, m.c, m.h, m.w];
+            let t = TensorRef::from_array_view((shape, &m.data[k * len..(k + 1) * len])).map_err(ort_err)?;
+            inputs.push((name.to_string(), t.into()));
+        }
+        let outputs = session.run(inputs).map_err(ort_err).context("running the calibration model")?;
+        for (i, name) in names.iter().enumerate() {
+            let v = outputs.get(name.as_str()).with_context(|| format!("no output '{name}'"))?;
+            let (s, d) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
+            let dims: Vec<usize> = s.iter().map(|&v| v as usize).collect();
+            ensure!(
+                dims.len() == 4 && dims[0] == 1,
+                "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]"
+            );
+            let m =
+                out[i].get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
+            if (m.c, m.h, m.w) != (dims[1], dims[2], dims[3]) {
+                bail!("tensor '{name}' changes shape between crops");
+            }
+            m.data.extend_from_slice(d);
+            m.n = k + 1;
+        }
+    }
+    out.into_iter().map(|m| m.context("no calibration crops")).collect()
+}
+
+/// Which of `names` are float32 `[1, C, H, W]` tensors when `session` runs on `crop` (the
+/// others, shapes and scalars, cannot be fed back as stops of [`prune_from`]).
+pub fn nchw_outputs(
+    session: &mut Session,
+    input: &str,
+    crop: &Chw,
+    names: &[String],
+) -> Result<std::collections::HashSet<String>> {
+    let shape = [1usize, crop.channels, crop.height, crop.width];
+    let tensor = TensorRef::from_array_view((shape, &crop.data[..])).map_err(ort_err)?;
+    let outputs =
+        session.run(ort::inputs![tensor]).map_err(ort_err).context("running the calibration model")?;
+    let mut ok = std::collections::HashSet::new();
+    for name in names {
+        if name == input {
+            ok.insert(name.clone());
+        } else if let Some(v) = outputs.get(name.as_str())
+            && let Ok((s, _)) = v.try_extract_tensor::<f32>()
+            && s.len() == 4
+            && s[0] == 1
+        {
+            ok.insert(name.clone());
+        }
+    }
+    Ok(ok)
+}

@@ -290,3 +290,61 @@ mod tests {
         assert!(detailed.iter().zip(&again).all(|(a, b)| a.hr == b.hr));
     }
 }
+
+/// Transform `t` (0..8) of the dihedral group of the square: bit 2 transposes, bit 0 flips
+/// left-right, bit 1 flips top-bottom (0: the crop itself). Calibration's augmentation
+/// (`--calib-augment`) adds these views of each fit crop: more equations, no more images.
+pub fn dihedral(x: &Chw, t: usize) -> Chw {
+    let transpose = t & 4 != 0;
+    let (h, w) = if transpose { (x.width, x.height) } else { (x.height, x.width) };
+    let mut data = Vec::with_capacity(x.data.len());
+    for c in 0..x.channels {
+        let plane = &x.data[c * x.height * x.width..(c + 1) * x.height * x.width];
+        for y in 0..h {
+            for xx in 0..w {
+                let (yy, xs) =
+                    (if t & 2 != 0 { h - 1 - y } else { y }, if t & 1 != 0 { w - 1 - xx } else { xx });
+                let (sy, sx) = if transpose { (xs, yy) } else { (yy, xs) };
+                data.push(plane[sy * x.width + sx]);
+            }
+        }
+    }
+    Chw { channels: x.channels, height: h, width: w, data }
+}
+
+/// `crops`, each followed by its first `views - 1` other [`dihedral`] views (`views` in 1..=8,
+/// in the order transpose, then the flips, so that 2 views already mix orientations).
+pub fn augment(crops: &[Chw], views: usize) -> Vec<Chw> {
+    const ORDER: [usize; 8] = [0, 4, 3, 7, 1, 2, 5, 6];
+    crops.iter().flat_map(|x| ORDER[..views.clamp(1, 8)].iter().map(|&t| dihedral(x, t))).collect()
+}
+
+#[cfg(test)]
+mod augment_tests {
+    use super::*;
+
+    #[test]
+    fn the_eight_views_are_distinct_permutations_of_the_crop() {
+        // An asymmetric 2-channel 3x4 crop: every pixel a different value.
+        let x = Chw { channels: 2, height: 3, width: 4, data: (0..24).map(|i| i as f32).collect() };
+        let views = augment(std::slice::from_ref(&x), 8);
+        assert_eq!(views.len(), 8);
+        assert_eq!(views[0].data, x.data);
+        for (i, v) in views.iter().enumerate() {
+            let mut sorted = v.data.clone();
+            sorted.sort_by(f32::total_cmp);
+            assert_eq!(sorted, x.data, "view {i} is not a permutation");
+            // Channels stay apart: channel 0 holds 0..12 whatever the view.
+            assert!(v.data[..12].iter().all(|&p| p < 12.0), "view {i} mixes channels");
+            for w in &views[..i] {
+                assert_ne!(w.data, v.data, "two views are equal");
+            }
+        }
+        // A transposed view swaps the sides; a left-right flip reverses each row.
+        assert_eq!((dihedral(&x, 4).height, dihedral(&x, 4).width), (4, 3));
+        assert_eq!(&dihedral(&x, 1).data[..4], &[3.0, 2.0, 1.0, 0.0]);
+        assert_eq!(&dihedral(&x, 4).data[..3], &[0.0, 4.0, 8.0]);
+        assert_eq!(augment(std::slice::from_ref(&x), 1).len(), 1);
+        assert_eq!(augment(&[x.clone(), x], 3).len(), 6);
+    }
+}

@@ -5,7 +5,8 @@
 //! on calibration crops ([`data`]) in ONNX Runtime and captures every ghosted Conv's output
 //! ([`capture`]). Then, Conv by Conv in graph order, it captures the same Conv's output (and
 //! input) in the PARTLY ghosted network — the layers already decided, emitted in standard ops
-//! with their refit weights — and chooses, by least error against the original network's
+//! with their refit weights, run from the features kept where the network crosses that Conv
+//! ([`resume`]) — and chooses, by least error against the original network's
 //! feature maps ([`fit`]): the intrinsic set (k-medoids on the pairwise ghost-error matrix, per
 //! group), each ghost's source and shift, and its affine terms; finally it refits the kept
 //! filters by ridge least squares through the ghost map ([`refit`]). Every stage can be turned
@@ -22,6 +23,7 @@ pub mod data;
 pub mod fit;
 pub mod quality;
 pub mod refit;
+pub mod resume;
 
 use std::collections::HashMap;
 
@@ -81,6 +83,9 @@ pub struct CalibOptions {
     pub guard_db: f64,
     /// Validation crops the guard measures on (at most `count`).
     pub guard_count: usize,
+    /// Views of each fit crop (1..=8 of its flips and rotations, [`data::augment`]): more
+    /// equations from the same images, at that many times the fits' time and memory.
+    pub augment: usize,
 }
 
 impl Default for CalibOptions {
@@ -100,6 +105,7 @@ impl Default for CalibOptions {
             scale: None,
             guard_db: 47.0,
             guard_count: 8,
+            augment: 2,
         }
     }
 }
@@ -211,6 +217,44 @@ pub struct LayerDecision {
     pub damage_fidelity_db: Option<f64>,
 }
 
+/// Wall time per calibration phase, printed to stderr when `GHOSTSR_CALIB_PROFILE` is set (to
+/// see where calibration's time goes; not part of any output format).
+#[derive(Default)]
+struct Profile {
+    on: bool,
+    phases: std::cell::RefCell<Vec<(&'static str, f64, usize)>>,
+}
+
+impl Profile {
+    fn new() -> Self {
+        Self { on: std::env::var_os("GHOSTSR_CALIB_PROFILE").is_some(), phases: Default::default() }
+    }
+
+    /// Runs `f`, adding its wall time to phase `name`.
+    fn time<T>(&self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f();
+        let dt = t.elapsed().as_secs_f64();
+        let mut phases = self.phases.borrow_mut();
+        match phases.iter_mut().find(|p| p.0 == name) {
+            Some(p) => {
+                p.1 += dt;
+                p.2 += 1;
+            }
+            None => phases.push((name, dt, 1)),
+        }
+        r
+    }
+
+    fn print(&self) {
+        if self.on {
+            for (name, s, n) in self.phases.borrow().iter() {
+                eprintln!("calib profile: {name:<14} {s:8.2} s over {n} calls");
+            }
+        }
+    }
+}
+
 /// Per-layer decisions of a calibration, in graph order.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CalibReport {
@@ -265,6 +309,7 @@ pub fn calibrate_with_report(
     progress: &(dyn Fn(usize, usize, &str) + Sync),
 ) -> Result<(Plan, WeightSet, CalibReport)> {
     let images: ImageSource = images.into();
+    let prof = Profile::new();
     let start = kmeans::plan_model(index, analysis, &model.sha256, plan_opts, &|_, _, _| {})?;
     let proto = &model.proto;
     let input = capture::input_name(proto)?;
@@ -316,9 +361,12 @@ pub fn calibrate_with_report(
     let factor = probe_factor(&mut session, &input, c_in, &final_out)?;
     let scale = if factor == 1 { calib.scale.unwrap_or(2) } else { factor };
     let spec = calib.crop_spec(channels, scale, factor == 1);
-    let crops = data::crops(&images, &spec)?;
-    let truth: HashMap<String, Maps> =
-        names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect();
+    let crops = data::augment(&data::crops(&images, &spec)?, calib.augment);
+    let truth: HashMap<String, Maps> = prof.time("truth run", || {
+        Ok::<_, anyhow::Error>(
+            names.iter().cloned().zip(capture::run(&mut session, &input, &crops, &names)?).collect(),
+        )
+    })?;
     drop(session);
 
     // The guard's validation crops (other windows than the fits' and the quality report's) and
@@ -331,11 +379,38 @@ pub fn calibrate_with_report(
     } else {
         Vec::new()
     };
-    let planes = |layers: &[LayerPlan], w: &WeightSet| {
-        let plan = Plan::new(&model.sha256, plan_opts.max_shift, layers.to_vec());
-        output_planes(proto, analysis, &plan, w, &input, &final_out, &guard_crops, calib.threads, shave)
+    // Each step runs only the network after its Conv, from the features kept at its cut, for
+    // the fit crops and the guard's crops ([`resume`]).
+    let cuts = prof.time("cuts", || resume::Cuts::new(proto, &crops[0], calib.threads))?;
+    let fit_start = resume::Resume::start(&input, &crops)?;
+    let mut fit_at = fit_start.clone();
+    let guard_start = if guard { Some(resume::Resume::start(&input, &guard_crops)?) } else { None };
+    let mut guard_at = guard_start.clone();
+    // A refit of weights that an earlier Conv shares (CARN) changes features from that Conv on:
+    // the features at such earlier Convs' cuts are kept too, to restart from there.
+    let shares_from = |conv: &ConvInfo| {
+        let first = analysis.convs.iter().filter(|c| c.weight == conv.weight).map(|c| c.node_index).min();
+        first.filter(|&f| f < conv.node_index && calib.refit && refittable(conv))
     };
-    let original_out = if guard { planes(&[], &WeightSet::default())? } else { Vec::new() };
+    let restart_at: Vec<Option<usize>> = steps.iter().map(|(_, c)| shares_from(c)).collect();
+    let mut fit_restarts = vec![fit_start.clone()];
+    let mut guard_restarts: Vec<resume::Resume> = guard_start.iter().cloned().collect();
+    // Keeps `r` among `restarts` if a step from `k` on may restart there.
+    let keep = |restarts: &mut Vec<resume::Resume>, r: &resume::Resume, k: usize| {
+        if restart_at[k.min(restart_at.len())..].contains(&Some(r.pos))
+            && !restarts.iter().any(|s| s.pos == r.pos)
+        {
+            restarts.push(r.clone());
+        }
+    };
+    let want_out = [final_out.clone()];
+    let original_out = match &guard_start {
+        Some(g) => budget::y_planes(
+            &prof.time("guard", || resume::eval(proto, g, &want_out, calib.threads))?[0],
+            shave,
+        )?,
+        None => Vec::new(),
+    };
     // The output error (MSE against the original's output) of the state decided so far, and
     // the most a layer may add to it.
     let mut err_so_far = 0.0;
@@ -344,10 +419,15 @@ pub fn calibrate_with_report(
 
     let mut done: Vec<LayerPlan> = Vec::new();
     let mut weights = WeightSet::default();
+    // The network in the state decided so far (every original tensor under its own name).
+    let mut state = proto.clone();
+    let state_of = |layers: &[LayerPlan], w: &WeightSet| {
+        resume::state_model(proto, analysis, &model.sha256, plan_opts.max_shift, w, layers)
+    };
     let mut first_intrinsic: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
     let mut equations: HashMap<String, Vec<Vec<refit::GroupEquations>>> = HashMap::new();
     let total = layers.len();
-    for &(start_layer, conv) in &steps {
+    for (k, &(start_layer, conv)) in steps.iter().enumerate() {
         let at = || format!("calibrating Conv \"{}\" (output \"{}\")", conv.node, conv.output);
         let y_true = &truth[&conv.output];
         let do_refit = calib.refit && refittable(conv);
@@ -355,6 +435,21 @@ pub fn calibrate_with_report(
         if start_layer.is_none() && !(do_refit && y_true.h * y_true.w >= 64) {
             continue;
         }
+        let pos = conv.node_index;
+        // The first node this step can change: a refit changes every Conv sharing the weights.
+        let changes_from = if do_refit {
+            analysis
+                .convs
+                .iter()
+                .filter(|c| c.weight == conv.weight)
+                .map(|c| c.node_index)
+                .min()
+                .unwrap_or(pos)
+        } else {
+            pos
+        };
+        // The next step's cut, which the guard's run of this step computes on the way.
+        let next_pos = steps.get(k + 1).map(|(_, c)| c.node_index);
         // This Conv's output (and input) in the partly ghosted network.
         // (With nothing decided yet the original's features serve, if captured: the guard may
         // have undone the first layers, and only the first step's input is captured.)
@@ -364,11 +459,15 @@ pub fn calibrate_with_report(
             if do_refit {
                 want.push(conv.input.clone());
             }
-            let base = capture::with_outputs(&apply_weights(proto, &weights)?, &want)?;
-            let partial = Plan::new(&model.sha256, plan_opts.max_shift, done.clone());
-            let (ghosted, _) = emit(&base, analysis, &partial, EmitMode::Standard).with_context(at)?;
-            let mut s = capture::open(&capture::prune_to(&ghosted, &want)?, calib.threads)?;
-            Some(capture::run(&mut s, &input, &crops, &want).with_context(at)?)
+            prof.time("advance", || {
+                resume::advance(&state, &cuts, &mut fit_at, &fit_restarts, pos, calib.threads)
+            })
+            .with_context(at)?;
+            keep(&mut fit_restarts, &fit_at, k);
+            Some(
+                prof.time("capture", || resume::eval(&state, &fit_at, &want, calib.threads))
+                    .with_context(at)?,
+            )
         } else {
             None
         };
@@ -376,24 +475,62 @@ pub fn calibrate_with_report(
             Some(c) => &c[1],
             None => &truth[&conv.input],
         };
+        // Runs the guard on the tentative state `layers` + `w`: the new output error, and the
+        // guard crops' features at the next step's cut in that state.
+        let mut guard_run =
+            |layers: &[LayerPlan], w: &WeightSet| -> Result<(f64, ModelProto, Option<resume::Resume>)> {
+                let tentative = prof.time("state emit", || state_of(layers, w))?;
+                let Some(g_at) = guard_at.as_mut() else {
+                    return Ok((0.0, tentative, None));
+                };
+                prof.time("advance", || {
+                    resume::advance(&state, &cuts, g_at, &guard_restarts, changes_from, calib.threads)
+                })?;
+                let mut want = want_out.to_vec();
+                let next_cut = match next_pos {
+                    Some(p) if cuts.usable() && p > pos => cuts.at(p),
+                    _ => Vec::new(),
+                };
+                want.extend(next_cut.iter().cloned());
+                let mut outs = prof.time("guard", || resume::eval(&tentative, g_at, &want, calib.threads))?;
+                let rest = outs.split_off(1);
+                let err = budget::mse(&budget::y_planes(&outs[0], shave)?, &original_out)?;
+                let next = (!next_cut.is_empty()).then(|| resume::Resume {
+                    pos: next_pos.unwrap_or(0),
+                    maps: next_cut.into_iter().zip(rest).collect(),
+                });
+                Ok((err, tentative, next))
+            };
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
-            let before = guard.then(|| weights.clone());
-            refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
-                .with_context(at)?;
-            if let Some(before) = before {
-                // Kept only if it lowers the output error on the validation crops.
-                let err = budget::mse(&planes(&done, &weights).with_context(at)?, &original_out)?;
-                let kept = err < err_so_far;
-                if kept {
-                    err_so_far = err;
-                } else {
-                    weights = before;
-                    if let Some(uses) = equations.get_mut(&conv.weight) {
-                        uses.pop();
-                    }
+            let before = weights.clone();
+            prof.time("refit", || {
+                refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
+            })
+            .with_context(at)?;
+            let (err, tentative, next) = guard_run(&done, &weights).with_context(at)?;
+            // Kept only if it lowers the output error on the validation crops.
+            let kept = !guard || err < err_so_far;
+            if kept {
+                err_so_far = err;
+                state = tentative;
+                if let Some(next) = next {
+                    guard_at = Some(next);
                 }
+                // Shared weights: an earlier Conv's features changed too (see below).
+                if changes_from < pos {
+                    fit_restarts.retain(|r| r.pos <= changes_from);
+                    guard_restarts.retain(|r| r.pos <= changes_from);
+                    fit_at = resume::restart(&fit_restarts, changes_from)?;
+                }
+            } else {
+                weights = before;
+                if let Some(uses) = equations.get_mut(&conv.weight) {
+                    uses.pop();
+                }
+            }
+            if guard {
                 report.layers.push(LayerDecision {
                     node: conv.node.clone(),
                     conv_output: conv.output.clone(),
@@ -405,35 +542,44 @@ pub fn calibrate_with_report(
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
-        let stats = PairStats::compute(y_true, y_cur, plan_opts.max_shift);
+        let stats = prof.time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift));
         let key = (conv.weight.clone(), conv.bias.clone());
         let intrinsic = match first_intrinsic.get(&key) {
             Some(i) => i.clone(),
             None if calib.data_intrinsic => {
                 let keep = start_layer.intrinsic.len() / conv.group;
-                fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+                prof.time("intrinsic", || {
+                    fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+                })
             }
             None => start_layer.intrinsic.clone(),
         };
         let first_use = !first_intrinsic.contains_key(&key);
-        first_intrinsic.entry(key.clone()).or_insert_with(|| intrinsic.clone());
+        let weights_before = weights.clone();
         let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
-        let weights_before = guard.then(|| weights.clone());
         if do_refit {
-            refit_into(
-                index,
-                conv,
-                x_cur(),
-                y_true,
-                &layer.intrinsic,
-                &layer.ghosts,
-                calib,
-                &mut equations,
-                &mut weights,
-            )
+            prof.time("refit", || {
+                refit_into(
+                    index,
+                    conv,
+                    x_cur(),
+                    y_true,
+                    &layer.intrinsic,
+                    &layer.ghosts,
+                    calib,
+                    &mut equations,
+                    &mut weights,
+                )
+            })
             .with_context(at)?;
         }
+        if first_use {
+            first_intrinsic.insert(key.clone(), layer.intrinsic.clone());
+        }
+        let mut with = done.clone();
+        with.push(layer.clone());
+        let (err, tentative, next) = guard_run(&with, &weights).with_context(at)?;
         let mut decision = LayerDecision {
             node: conv.node.clone(),
             conv_output: conv.output.clone(),
@@ -441,17 +587,14 @@ pub fn calibrate_with_report(
             kept: true,
             damage_fidelity_db: None,
         };
-        if let Some(before) = weights_before {
-            let mut with = done.clone();
-            with.push(layer.clone());
-            let err = budget::mse(&planes(&with, &weights).with_context(at)?, &original_out)?;
+        if guard {
             let damage = err - err_so_far;
             decision.damage_fidelity_db = (damage > 0.0).then(|| 10.0 * (255.0f64 * 255.0 / damage).log10());
             if damage > max_damage {
                 // Undo: the Conv stays whole, with its original weights, and a later use of the
                 // same weights chooses its own intrinsic set.
                 decision.kept = false;
-                weights = before;
+                weights = weights_before;
                 if do_refit && let Some(uses) = equations.get_mut(&conv.weight) {
                     uses.pop();
                 }
@@ -466,9 +609,26 @@ pub fn calibrate_with_report(
         report.layers.push(decision);
         if kept {
             done.push(layer);
+            state = tentative;
+            if let Some(next) = next {
+                guard_at = Some(next);
+            }
         }
+        // A refit of weights an earlier Conv shares changes features before this cut (the
+        // guard's run of the step started before them, so its next cut holds).
+        if kept && changes_from < pos {
+            fit_restarts.retain(|r| r.pos <= changes_from);
+            guard_restarts.retain(|r| r.pos <= changes_from);
+            fit_at = resume::restart(&fit_restarts, changes_from)?;
+        }
+        if let Some(g) = &guard_at {
+            keep(&mut guard_restarts, g, k + 1);
+        }
+        fit_restarts.retain(|r| r.pos == 0 || restart_at[k + 1..].contains(&Some(r.pos)));
+        guard_restarts.retain(|r| r.pos == 0 || restart_at[k + 1..].contains(&Some(r.pos)));
         progress(report.layers.iter().filter(|l| l.step == Step::Ghost).count(), total, &conv.output);
     }
+    prof.print();
     // The plan lists layers in the k-means plan's order.
     let order: HashMap<&str, usize> =
         start.layers.iter().enumerate().map(|(i, l)| (l.conv_output.as_str(), i)).collect();

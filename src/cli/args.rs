@@ -137,6 +137,11 @@ pub struct CalibArgs {
     /// output against the original's; 47 ≈ 0.5 dB of PSNR lost by that layer alone); 0: off.
     #[arg(long, value_name = "DB", default_value_t = CalibOptions::default().guard_db, conflicts_with = "kmeans")]
     pub calib_guard_db: f64,
+    /// Calibration: fit on this many views (1-8) of each crop, its flips and rotations: more
+    /// equations from the same images, at that many times the fits' time and memory.
+    #[arg(long, value_name = "V", default_value_t = CalibOptions::default().augment as u8, value_parser = clap::value_parser!(u8).range(1..=8),
+          conflicts_with = "kmeans")]
+    pub calib_augment: u8,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -167,6 +172,7 @@ impl CalibArgs {
             threads: self.calib_threads,
             samples: self.calib_samples,
             guard_db: self.calib_guard_db,
+            augment: usize::from(self.calib_augment),
             ..CalibOptions::default()
         }
     }
