@@ -98,20 +98,22 @@ pub fn run(session: &mut Session, input: &str, crops: &[Chw], names: &[String]) 
                 let (s, d) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
                 (s.iter().map(|&v| v as usize).collect(), d)
             };
-            ensure!(
-                dims.len() == 4 && dims[0] == 1,
-                "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]"
-            );
-            let m =
-                out[i].get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
-            if (m.c, m.h, m.w) != (dims[1], dims[2], dims[3]) {
-                bail!("tensor '{name}' changes shape between crops");
-            }
-            m.data.extend_from_slice(data);
-            m.n = k + 1;
+            stack(&mut out[i], name, &dims, data, k)?;
         }
     }
     out.into_iter().map(|m| m.context("no calibration crops")).collect()
+}
+
+/// Appends crop `k`'s value of output `name` (`dims`, `[1, C, H, W]`) to its stack over the crops.
+fn stack(out: &mut Option<Maps>, name: &str, dims: &[usize], data: &[f32], k: usize) -> Result<()> {
+    ensure!(dims.len() == 4 && dims[0] == 1, "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]");
+    let m = out.get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
+    if (m.c, m.h, m.w) != (dims[1], dims[2], dims[3]) {
+        bail!("tensor '{name}' changes shape between crops");
+    }
+    m.data.extend_from_slice(data);
+    m.n = k + 1;
+    Ok(())
 }
 
 /// Keeps only what computing `names` needs when the tensors in `stops` are given: like
@@ -175,17 +177,7 @@ pub fn run_fed(session: &mut Session, feeds: &[(&str, &Maps)], names: &[String])
             let v = outputs.get(name.as_str()).with_context(|| format!("no output '{name}'"))?;
             let (s, d) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
             let dims: Vec<usize> = s.iter().map(|&v| v as usize).collect();
-            ensure!(
-                dims.len() == 4 && dims[0] == 1,
-                "tensor '{name}' has shape {dims:?}, expected [1, C, H, W]"
-            );
-            let m =
-                out[i].get_or_insert_with(|| Maps { n: 0, c: dims[1], h: dims[2], w: dims[3], data: vec![] });
-            if (m.c, m.h, m.w) != (dims[1], dims[2], dims[3]) {
-                bail!("tensor '{name}' changes shape between crops");
-            }
-            m.data.extend_from_slice(d);
-            m.n = k + 1;
+            stack(&mut out[i], name, &dims, d, k)?;
         }
     }
     out.into_iter().map(|m| m.context("no calibration crops")).collect()
