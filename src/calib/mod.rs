@@ -437,17 +437,7 @@ pub fn calibrate_with_report(
         }
         let pos = conv.node_index;
         // The first node this step can change: a refit changes every Conv sharing the weights.
-        let changes_from = if do_refit {
-            analysis
-                .convs
-                .iter()
-                .filter(|c| c.weight == conv.weight)
-                .map(|c| c.node_index)
-                .min()
-                .unwrap_or(pos)
-        } else {
-            pos
-        };
+        let changes_from = restart_at[k].unwrap_or(pos);
         // The next step's cut, which the guard's run of this step computes on the way.
         let next_pos = steps.get(k + 1).map(|(_, c)| c.node_index);
         // This Conv's output (and input) in the partly ghosted network.
@@ -504,7 +494,8 @@ pub fn calibrate_with_report(
         let Some(start_layer) = start_layer else {
             // A Conv that stays: refit all its filters to the original's output.
             let all: Vec<usize> = (0..conv.c_out).collect();
-            let before = weights.clone();
+            // (Only the guard undoes a step, so only then is the state before it kept.)
+            let before = guard.then(|| weights.clone());
             prof.time("refit", || {
                 refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
             })
@@ -520,11 +511,9 @@ pub fn calibrate_with_report(
                 }
                 // Shared weights: an earlier Conv's features changed too (see below).
                 if changes_from < pos {
-                    fit_restarts.retain(|r| r.pos <= changes_from);
-                    guard_restarts.retain(|r| r.pos <= changes_from);
-                    fit_at = resume::restart(&fit_restarts, changes_from)?;
+                    fit_at = resume::rewind(&mut fit_restarts, &mut guard_restarts, changes_from)?;
                 }
-            } else {
+            } else if let Some(before) = before {
                 weights = before;
                 if let Some(uses) = equations.get_mut(&conv.weight) {
                     uses.pop();
@@ -555,7 +544,7 @@ pub fn calibrate_with_report(
             None => start_layer.intrinsic.clone(),
         };
         let first_use = !first_intrinsic.contains_key(&key);
-        let weights_before = weights.clone();
+        let weights_before = guard.then(|| weights.clone());
         let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
         layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
         if do_refit {
@@ -590,11 +579,13 @@ pub fn calibrate_with_report(
         if guard {
             let damage = err - err_so_far;
             decision.damage_fidelity_db = (damage > 0.0).then(|| 10.0 * (255.0f64 * 255.0 / damage).log10());
-            if damage > max_damage {
+            if damage > max_damage
+                && let Some(before) = weights_before
+            {
                 // Undo: the Conv stays whole, with its original weights, and a later use of the
                 // same weights chooses its own intrinsic set.
                 decision.kept = false;
-                weights = weights_before;
+                weights = before;
                 if do_refit && let Some(uses) = equations.get_mut(&conv.weight) {
                     uses.pop();
                 }
@@ -617,9 +608,7 @@ pub fn calibrate_with_report(
         // A refit of weights an earlier Conv shares changes features before this cut (the
         // guard's run of the step started before them, so its next cut holds).
         if kept && changes_from < pos {
-            fit_restarts.retain(|r| r.pos <= changes_from);
-            guard_restarts.retain(|r| r.pos <= changes_from);
-            fit_at = resume::restart(&fit_restarts, changes_from)?;
+            fit_at = resume::rewind(&mut fit_restarts, &mut guard_restarts, changes_from)?;
         }
         if let Some(g) = &guard_at {
             keep(&mut guard_restarts, g, k + 1);

@@ -188,6 +188,19 @@ pub fn advance(
     Ok(())
 }
 
+/// After a kept refit of weights that an earlier Conv at node `from` shares, every feature kept
+/// after `from` is stale: only the restarts at or before it stay, and the fit crops go back to
+/// the latest of them.
+pub fn rewind(
+    fit_restarts: &mut Vec<Resume>,
+    guard_restarts: &mut Vec<Resume>,
+    from: usize,
+) -> Result<Resume> {
+    fit_restarts.retain(|r| r.pos <= from);
+    guard_restarts.retain(|r| r.pos <= from);
+    restart(fit_restarts, from)
+}
+
 /// The latest of `restarts` at or before node `pos`.
 pub fn restart(restarts: &[Resume], pos: usize) -> Result<Resume> {
     restarts
