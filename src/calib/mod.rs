@@ -24,7 +24,6 @@ pub mod fit;
 pub mod quality;
 pub mod refit;
 pub mod resume;
-pub mod sensitivity;
 
 use std::collections::HashMap;
 
@@ -87,9 +86,6 @@ pub struct CalibOptions {
     /// Views of each fit crop (1..=8 of its flips and rotations, [`data::augment`]): more
     /// equations from the same images, at that many times the fits' time and memory.
     pub augment: usize,
-    /// Weight each channel's ghost-fit error by how much its consumers read it
-    /// ([`sensitivity`]) when choosing the intrinsic set.
-    pub output_aware: bool,
 }
 
 impl Default for CalibOptions {
@@ -110,7 +106,6 @@ impl Default for CalibOptions {
             guard_db: 47.0,
             guard_count: 8,
             augment: 2,
-            output_aware: true,
         }
     }
 }
@@ -543,17 +538,7 @@ pub fn calibrate_with_report(
             None if calib.data_intrinsic => {
                 let keep = start_layer.intrinsic.len() / conv.group;
                 prof.time("intrinsic", || {
-                    let mut e = stats.error_matrix(calib.affine);
-                    if calib.output_aware {
-                        let w =
-                            sensitivity::channel_weights(index, &analysis.shapes, &conv.output, Some(y_true));
-                        if w.len() == e.len() {
-                            for (row, wc) in e.iter_mut().zip(sensitivity::normalised(&w)) {
-                                row.iter_mut().for_each(|v| *v *= wc);
-                            }
-                        }
-                    }
-                    fit::select_intrinsic(&e, conv.group, keep, 20)
+                    fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
                 })
             }
             None => start_layer.intrinsic.clone(),

@@ -142,10 +142,6 @@ pub struct CalibArgs {
     #[arg(long, value_name = "V", default_value_t = CalibOptions::default().augment as u8, value_parser = clap::value_parser!(u8).range(1..=8),
           conflicts_with = "kmeans")]
     pub calib_augment: u8,
-    /// Calibration: choose the intrinsic set by plain feature-map error, every channel alike,
-    /// instead of weighting each channel's error by how strongly the Convs reading it use it.
-    #[arg(long, conflicts_with = "kmeans")]
-    pub no_output_aware: bool,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -177,7 +173,6 @@ impl CalibArgs {
             samples: self.calib_samples,
             guard_db: self.calib_guard_db,
             augment: usize::from(self.calib_augment),
-            output_aware: !self.no_output_aware,
             ..CalibOptions::default()
         }
     }

@@ -15,7 +15,7 @@ use crate::onnx::{self, NodeProto};
 
 /// Ops that act on each channel independently and keep the channel axis: the layout passes
 /// through unchanged. Their extra inputs (Clip bounds, Resize scales) are not feature maps.
-pub(crate) const PER_CHANNEL: &[&str] = &[
+const PER_CHANNEL: &[&str] = &[
     "Relu",
     "LeakyRelu",
     "Sigmoid",
@@ -55,8 +55,7 @@ pub(crate) const PER_CHANNEL: &[&str] = &[
 ];
 
 /// Broadcasting element-wise ops between feature maps and constants.
-pub(crate) const ELEMENTWISE: &[&str] =
-    &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"];
+const ELEMENTWISE: &[&str] = &["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"];
 
 /// Emits `node`, at least one of whose inputs is permuted.
 pub(super) fn carry(e: &mut Emitter<'_>, node: &NodeProto) -> Result<()> {

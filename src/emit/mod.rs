@@ -13,7 +13,7 @@
 //! where it is not (unknown ops, DepthToSpace, graph outputs). The result computes exactly the
 //! function the plan defines and keeps every graph output in its original channel order.
 
-pub(crate) mod channel_order;
+mod channel_order;
 pub mod fp16;
 mod keep;
 pub mod qdq;
