@@ -129,6 +129,44 @@ fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
     }
 }
 
+/// With `view_choice`, every ghosted Conv is fit on all views and on the first view of each
+/// crop, and the report says which fit the guard kept; without it, nothing is reported.
+#[test]
+fn view_choice_reports_the_fit_the_guard_kept_for_every_ghosted_conv() {
+    use ghostsr::calib::{CalibOptions, Step, calibrate_with_report, data::ImageSource};
+    use ghostsr::graph::GraphIndex;
+    use ghostsr::graph::analysis::{Policy, analyze};
+    use ghostsr::plan::kmeans::PlanOptions;
+
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
+    );
+    let m = ghostsr::model::load(&fixture()).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+    let run = |view_choice: bool| {
+        let c = CalibOptions {
+            count: 4,
+            size: 32,
+            samples: 2048,
+            guard_db: 1.0,
+            view_choice,
+            ..Default::default()
+        };
+        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {}).unwrap()
+    };
+    let (plan, _, report) = run(true);
+    plan.validate(&analysis).unwrap();
+    let ghosts: Vec<_> = report.layers.iter().filter(|l| l.step == Step::Ghost).collect();
+    assert!(!ghosts.is_empty());
+    assert!(ghosts.iter().all(|l| l.first_view_only.is_some()), "{report:?}");
+    assert!(report.layers.iter().filter(|l| l.step == Step::Refit).all(|l| l.first_view_only.is_none()));
+    let (_, _, plain) = run(false);
+    assert!(plain.layers.iter().all(|l| l.first_view_only.is_none()));
+}
+
 /// A refit that overfits is rejected: with one 12x12 crop (144 pixels, fewer equations than a
 /// 3x3 Conv's 289 unknowns per filter) and little ridge, refitting the Convs that stay fits
 /// the crop and not the validation crop; the guard undoes each such refit, and an undone refit

@@ -500,6 +500,7 @@ impl<'m> Probe<'m> {
                     &layer.intrinsic,
                     &layer.ghosts,
                     calib,
+                    1, // the budget's probe crops are not augmented
                     &mut equations,
                     &mut weights,
                 )?;

@@ -66,7 +66,7 @@ pub struct CalibOptions {
     pub refit_others: bool,
     /// Relative ridge strength (times the mean diagonal of the patch Gram matrix).
     pub ridge: f32,
-    /// Patch samples per layer for the refit.
+    /// Patch samples per layer and per view ([`Self::augment`]) for the refit.
     pub samples: usize,
     /// ONNX Runtime intra-op threads (0: ORT's default).
     pub threads: usize,
@@ -86,6 +86,10 @@ pub struct CalibOptions {
     /// Views of each fit crop (1..=8 of its flips and rotations, [`data::augment`]): more
     /// equations from the same images, at that many times the fits' time and memory.
     pub augment: usize,
+    /// With the guard and `augment > 1`: fit each ghosted Conv twice, on every view and on the
+    /// first view of each crop only, and keep the fit of least output error on the guard's
+    /// validation crops (one more fit, refit and guard run per ghosted Conv).
+    pub view_choice: bool,
 }
 
 impl Default for CalibOptions {
@@ -106,6 +110,7 @@ impl Default for CalibOptions {
             guard_db: 47.0,
             guard_count: 8,
             augment: 2,
+            view_choice: false,
         }
     }
 }
@@ -215,6 +220,29 @@ pub struct LayerDecision {
     /// (PSNR-Y, dB, of the output with the layer against the output before it); null when the
     /// guard is off or the layer did not change the output.
     pub damage_fidelity_db: Option<f64>,
+    /// With `view_choice`: whether the guard kept the fit on the first view of each crop only
+    /// (true) over the fit on every view (false); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_view_only: Option<bool>,
+}
+
+/// One candidate fit of a ghosted Conv, with the guard's output error for it.
+struct Variant {
+    err: f64,
+    layer: LayerPlan,
+    weights: WeightSet,
+    equations: Option<Vec<refit::GroupEquations>>,
+    state: ModelProto,
+    next: Option<resume::Resume>,
+    /// `Some(v)`: fit on every `v`-th crop (the first view of each), `None`: on every view.
+    views: Option<usize>,
+}
+
+/// The first view of each crop in [`data::augment`]'s order (`views` views per crop).
+fn first_views(m: &Maps, views: usize) -> Maps {
+    let plane = m.c * m.h * m.w;
+    let data = m.data.chunks_exact(plane).step_by(views.max(1)).flatten().copied().collect::<Vec<f32>>();
+    Maps { n: data.len() / plane.max(1), c: m.c, h: m.h, w: m.w, data }
 }
 
 /// Wall time per calibration phase, printed to stderr when `GHOSTSR_CALIB_PROFILE` is set (to
@@ -497,7 +525,18 @@ pub fn calibrate_with_report(
             // (Only the guard undoes a step, so only then is the state before it kept.)
             let before = guard.then(|| weights.clone());
             prof.time("refit", || {
-                refit_into(index, conv, x_cur(), y_true, &all, &[], calib, &mut equations, &mut weights)
+                refit_into(
+                    index,
+                    conv,
+                    x_cur(),
+                    y_true,
+                    &all,
+                    &[],
+                    calib,
+                    calib.augment,
+                    &mut equations,
+                    &mut weights,
+                )
             })
             .with_context(at)?;
             let (err, tentative, next) = guard_run(&done, &weights).with_context(at)?;
@@ -526,55 +565,86 @@ pub fn calibrate_with_report(
                     step: Step::Refit,
                     kept,
                     damage_fidelity_db: None,
+                    first_view_only: None,
                 });
             }
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
-        let stats = prof.time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift));
         let key = (conv.weight.clone(), conv.bias.clone());
-        let intrinsic = match first_intrinsic.get(&key) {
-            Some(i) => i.clone(),
-            None if calib.data_intrinsic => {
-                let keep = start_layer.intrinsic.len() / conv.group;
-                prof.time("intrinsic", || {
-                    fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
-                })
-            }
-            None => start_layer.intrinsic.clone(),
-        };
         let first_use = !first_intrinsic.contains_key(&key);
         let weights_before = guard.then(|| weights.clone());
-        let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
-        layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
-        if do_refit {
-            prof.time("refit", || {
-                refit_into(
-                    index,
-                    conv,
-                    x_cur(),
-                    y_true,
-                    &layer.intrinsic,
-                    &layer.ghosts,
-                    calib,
-                    &mut equations,
-                    &mut weights,
-                )
-            })
-            .with_context(at)?;
+        // The fit on every view of the fit crops, and (with `view_choice`) the fit on their first
+        // views only; the guard keeps the one of least output error on its validation crops.
+        let mut variants: Vec<Option<usize>> = vec![None];
+        if guard && calib.view_choice && calib.augment > 1 && y_true.n >= 2 * calib.augment {
+            variants.push(Some(calib.augment));
+        }
+        let mut best: Option<Variant> = None;
+        for &views in &variants {
+            let sub = |m: &Maps| views.map(|v| first_views(m, v));
+            let (yt_sub, yc_sub) = (sub(y_true), sub(y_cur));
+            let yt = yt_sub.as_ref().unwrap_or(y_true);
+            let yc = yc_sub.as_ref().unwrap_or(y_cur);
+            let stats = prof.time("pair stats", || PairStats::compute(yt, yc, plan_opts.max_shift));
+            let intrinsic = match first_intrinsic.get(&key) {
+                Some(i) => i.clone(),
+                None if calib.data_intrinsic => {
+                    let keep = start_layer.intrinsic.len() / conv.group;
+                    prof.time("intrinsic", || {
+                        fit::select_intrinsic(&stats.error_matrix(calib.affine), conv.group, keep, 20)
+                    })
+                }
+                None => start_layer.intrinsic.clone(),
+            };
+            let layer = fit_layer(conv, &stats, intrinsic, calib.affine);
+            layer.validate(conv.c_out, conv.group, plan_opts.max_shift).with_context(at)?;
+            // One variant: refit in place; several: each from the weights before this step.
+            let mut w = if variants.len() > 1 { weights.clone() } else { std::mem::take(&mut weights) };
+            let mut eq = None;
+            if do_refit {
+                let x_sub = sub(x_cur());
+                prof.time("refit", || {
+                    refit_into(
+                        index,
+                        conv,
+                        x_sub.as_ref().unwrap_or(x_cur()),
+                        yt,
+                        &layer.intrinsic,
+                        &layer.ghosts,
+                        calib,
+                        if views.is_some() { 1 } else { calib.augment },
+                        &mut equations,
+                        &mut w,
+                    )
+                })
+                .with_context(at)?;
+                // This use's equations go back in for the variant kept.
+                eq = equations.get_mut(&conv.weight).and_then(Vec::pop);
+            }
+            let mut with = done.clone();
+            with.push(layer.clone());
+            let (err, tentative, next) = guard_run(&with, &w).with_context(at)?;
+            if best.as_ref().is_none_or(|b| err < b.err) {
+                best = Some(Variant { err, layer, weights: w, equations: eq, state: tentative, next, views });
+            }
+        }
+        let Variant { err, layer, weights: w, equations: eq, state: tentative, next, views } =
+            best.context("internal error: no fit variant")?;
+        weights = w;
+        if let Some(eq) = eq {
+            equations.entry(conv.weight.clone()).or_default().push(eq);
         }
         if first_use {
             first_intrinsic.insert(key.clone(), layer.intrinsic.clone());
         }
-        let mut with = done.clone();
-        with.push(layer.clone());
-        let (err, tentative, next) = guard_run(&with, &weights).with_context(at)?;
         let mut decision = LayerDecision {
             node: conv.node.clone(),
             conv_output: conv.output.clone(),
             step: Step::Ghost,
             kept: true,
             damage_fidelity_db: None,
+            first_view_only: (variants.len() > 1).then_some(views.is_some()),
         };
         if guard {
             let damage = err - err_so_far;
@@ -670,6 +740,8 @@ fn fit_layer(conv: &ConvInfo, stats: &PairStats, intrinsic: Vec<usize>, affine: 
 
 /// Ridge-refits `conv`'s filters in `intrinsic` (see [`refit`]) from this use's equations and
 /// those of earlier uses of the same weights, and records the new weight and bias in `weights`.
+/// `x` and `y` hold `views` views of each crop; the refit samples `calib.samples` patches per
+/// view (a second view adds equations instead of thinning the first's).
 #[allow(clippy::too_many_arguments)]
 fn refit_into(
     index: &GraphIndex<'_>,
@@ -679,6 +751,7 @@ fn refit_into(
     intrinsic: &[usize],
     ghosts: &[Ghost],
     calib: &CalibOptions,
+    views: usize,
     equations: &mut HashMap<String, Vec<Vec<refit::GroupEquations>>>,
     weights: &mut WeightSet,
 ) -> Result<()> {
@@ -687,7 +760,7 @@ fn refit_into(
     let w = onnx::tensor_f32(w_t)?;
     let b_t = conv.bias.as_ref().map(|b| index.constant(b).context("bias is not constant")).transpose()?;
     let b = b_t.map(onnx::tensor_f32).transpose()?;
-    let eq = refit::equations(x, y, geom, b.is_some(), intrinsic, ghosts, calib.samples)?;
+    let eq = refit::equations(x, y, geom, b.is_some(), intrinsic, ghosts, calib.samples * views.max(1))?;
     let uses = equations.entry(conv.weight.clone()).or_default();
     uses.push(eq);
     let (w_new, b_new) = refit::solve(&w, b.as_deref(), geom, uses, calib.ridge as f64)?;
@@ -696,4 +769,79 @@ fn refit_into(
         weights.tensors.insert(name.clone(), WeightTensor { dims: b_t.dims.clone(), data: b_new });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::analysis::{Policy, analyze};
+    use crate::onnx::{GraphProto, attr_ints_of, f32_tensor, node, value_info_nchw};
+
+    /// x (1 ch) -> Conv 3x3 with bias (1 -> 4) -> y.
+    fn conv_model() -> ModelProto {
+        let graph = GraphProto {
+            node: vec![node(
+                "Conv",
+                "conv",
+                &["x", "w", "b"],
+                &["y"],
+                vec![attr_ints_of("kernel_shape", vec![3, 3]), attr_ints_of("pads", vec![1; 4])],
+            )],
+            initializer: vec![
+                f32_tensor(
+                    "w",
+                    &[4, 1, 3, 3],
+                    &(0..36).map(|i| (i % 7) as f32 / 7.0 - 0.4).collect::<Vec<_>>(),
+                ),
+                f32_tensor("b", &[4], &[0.1, -0.2, 0.0, 0.3]),
+            ],
+            input: vec![value_info_nchw("x", [Some(1), Some(1), None, None])],
+            output: vec![value_info_nchw("y", [Some(1), Some(4), None, None])],
+            ..Default::default()
+        };
+        ModelProto { graph: Some(graph), ..Default::default() }
+    }
+
+    fn maps(n: usize, c: usize, seed: usize) -> Maps {
+        let mut m = Maps::zeros(n, c, 6, 7);
+        for (i, v) in m.data.iter_mut().enumerate() {
+            *v = ((i * 31 + seed * 7) % 23) as f32 / 11.0 - 1.0;
+        }
+        m
+    }
+
+    #[test]
+    fn first_views_keeps_the_first_view_of_each_crop() {
+        // 3 crops x 2 views, each plane filled with its index.
+        let mut m = Maps::zeros(6, 2, 2, 2);
+        for (i, v) in m.data.iter_mut().enumerate() {
+            *v = (i / 8) as f32;
+        }
+        let f = first_views(&m, 2);
+        assert_eq!((f.n, f.c, f.h, f.w), (3, 2, 2, 2));
+        assert_eq!(f.data.iter().step_by(8).copied().collect::<Vec<_>>(), vec![0.0, 2.0, 4.0]);
+        assert_eq!(first_views(&m, 1), m);
+    }
+
+    #[test]
+    fn the_refit_samples_its_patch_count_per_view() {
+        let p = conv_model();
+        let index = GraphIndex::new(p.graph.as_ref().unwrap()).unwrap();
+        let analysis = analyze(&index, &Policy::default()).unwrap();
+        let conv = &analysis.convs[0];
+        // 4 crops of 6x7 (2 crops x 2 views), no shifts: 168 positions to sample from.
+        let (x, y) = (maps(4, 1, 1), maps(4, 4, 2));
+        let calib = CalibOptions { samples: 10, ..Default::default() };
+        // The bias column of the Gram matrix counts the sampled patches.
+        let patches = |views: usize| {
+            let (mut eqs, mut w) = (HashMap::new(), WeightSet::default());
+            refit_into(&index, conv, &x, &y, &[0, 2], &[], &calib, views, &mut eqs, &mut w).unwrap();
+            assert!(w.tensors.contains_key("w") && w.tensors.contains_key("b"));
+            let g = &eqs["w"][0][0].gram;
+            g[[9, 9]]
+        };
+        // 168 / 10 -> every 17th position: 10 patches; per view (20): every 9th: 19 patches.
+        assert_eq!(patches(1), 10.0);
+        assert_eq!(patches(2), 19.0);
+    }
 }

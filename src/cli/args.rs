@@ -129,7 +129,8 @@ pub struct CalibArgs {
     /// Calibration: relative ridge strength of the refit.
     #[arg(long, value_name = "R", default_value_t = 3e-2, conflicts_with = "kmeans")]
     pub calib_ridge: f32,
-    /// Calibration: input patches sampled per layer for the refit.
+    /// Calibration: input patches sampled per layer for the refit, per view of the crops
+    /// (`--calib-augment`).
     #[arg(long, value_name = "N", default_value_t = 32768, conflicts_with = "kmeans")]
     pub calib_samples: usize,
     /// Calibration: undo a ghosted layer whose own damage to the network output, on validation
@@ -142,6 +143,10 @@ pub struct CalibArgs {
     #[arg(long, value_name = "V", default_value_t = CalibOptions::default().augment as u8, value_parser = clap::value_parser!(u8).range(1..=8),
           conflicts_with = "kmeans")]
     pub calib_augment: u8,
+    /// Calibration: fit each ghosted Conv on every view and on the first view of each crop
+    /// only, and keep the fit the guard measures better (about 1.5x the calibration time).
+    #[arg(long, conflicts_with = "kmeans")]
+    pub calib_view_choice: bool,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -173,6 +178,7 @@ impl CalibArgs {
             samples: self.calib_samples,
             guard_db: self.calib_guard_db,
             augment: usize::from(self.calib_augment),
+            view_choice: self.calib_view_choice,
             ..CalibOptions::default()
         }
     }
