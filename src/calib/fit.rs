@@ -102,6 +102,8 @@ pub struct PairStats {
     mean_y: Vec<f64>,
     vy: Vec<f64>,
     syy: Vec<f64>,
+    /// Affine fits are `a x` with `a >= 0` and no bias ([`Self::scale_only`]).
+    scale_only: bool,
 }
 
 impl PairStats {
@@ -175,15 +177,45 @@ impl PairStats {
             sx.extend(a);
             sxx.extend(b);
         }
-        PairStats { shifts, c_t: y.c, c_s: x.c, n: p as f64, cov, sx, sxx, mean_y, vy, syy }
+        PairStats {
+            shifts,
+            c_t: y.c,
+            c_s: x.c,
+            n: p as f64,
+            cov,
+            sx,
+            sxx,
+            mean_y,
+            vy,
+            syy,
+            scale_only: false,
+        }
     }
 
-    /// The best `a, b` (or `a = 1, b = 0` without `affine`) for target `g`, source `s`, shift
-    /// index `di` (into [`Self::shifts`]).
+    /// From now on, affine fits are a non-negative scale without bias (`y ≈ a x`, `a >= 0`): the
+    /// ghosts that [`crate::emit::fold`] can absorb into the Convs reading them, through Relu and
+    /// LeakyRelu (which commute only with such a scale).
+    pub fn scale_only(mut self, on: bool) -> Self {
+        self.scale_only = on;
+        self
+    }
+
+    /// The best `a, b` (or `a = 1, b = 0` without `affine`; `b = 0, a >= 0` with
+    /// [`Self::scale_only`]) for target `g`, source `s`, shift index `di` (into [`Self::shifts`]).
     pub fn fit(&self, g: usize, s: usize, di: usize, affine: bool) -> Fit {
         let cov = self.cov[(di * self.c_t + g) * self.c_s + s];
         let sx = self.sx[di * self.c_s + s];
         let sxx = self.sxx[di * self.c_s + s];
+        if affine && self.scale_only {
+            // min_a Σ (y - a x)^2 over a >= 0: a = max(0, Σxy / Σx²).
+            let sxy = cov + self.mean_y[g] * sx;
+            let a = if sxx > 1e-30 { (sxy / sxx).max(0.0) } else { 0.0 };
+            return Fit {
+                residual: (self.syy[g] - 2.0 * a * sxy + a * a * sxx).max(0.0),
+                scale: a as f32,
+                bias: 0.0,
+            };
+        }
         if affine {
             let varx = sxx - sx * sx / self.n;
             if varx <= 1e-12 * sxx.max(1e-30) {

@@ -86,6 +86,9 @@ pub struct CalibOptions {
     /// Views of each fit crop (1..=8 of its flips and rotations, [`data::augment`]): more
     /// equations from the same images, at that many times the fits' time and memory.
     pub augment: usize,
+    /// With `affine`: ghosts are `a x` with `a >= 0` and no bias, so that `--emit fold` can
+    /// absorb them into the Convs that read them ([`crate::emit::fold`]).
+    pub scale_only: bool,
 }
 
 impl Default for CalibOptions {
@@ -106,6 +109,7 @@ impl Default for CalibOptions {
             guard_db: 47.0,
             guard_count: 8,
             augment: 2,
+            scale_only: false,
         }
     }
 }
@@ -531,7 +535,9 @@ pub fn calibrate_with_report(
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
-        let stats = prof.time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift));
+        let stats = prof.time("pair stats", || {
+            PairStats::compute(y_true, y_cur, plan_opts.max_shift).scale_only(calib.scale_only)
+        });
         let key = (conv.weight.clone(), conv.bias.clone());
         let intrinsic = match first_intrinsic.get(&key) {
             Some(i) => i.clone(),

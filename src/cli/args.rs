@@ -142,6 +142,10 @@ pub struct CalibArgs {
     #[arg(long, value_name = "V", default_value_t = CalibOptions::default().augment as u8, value_parser = clap::value_parser!(u8).range(1..=8),
           conflicts_with = "kmeans")]
     pub calib_augment: u8,
+    /// Calibration: ghosts are scaled copies `a x` with `a >= 0` and no bias, the ghosts that
+    /// `--emit fold` absorbs into the Convs reading them (on by default with `--emit fold`).
+    #[arg(long, conflicts_with_all = ["kmeans", "no_affine"])]
+    pub calib_scale_only: bool,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -173,6 +177,7 @@ impl CalibArgs {
             samples: self.calib_samples,
             guard_db: self.calib_guard_db,
             augment: usize::from(self.calib_augment),
+            scale_only: self.calib_scale_only,
             ..CalibOptions::default()
         }
     }
