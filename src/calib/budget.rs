@@ -446,7 +446,8 @@ impl<'m> Probe<'m> {
                 .iter()
                 .map(|c| {
                     let y = &self.truth[&c.output];
-                    PairStats::compute(y, y, plan_opts.max_shift).scale_only(calib.scale_only)
+                    PairStats::compute(y, y, plan_opts.max_shift)
+                        .scale_only(calib.scale_only && crate::emit::fold::absorbable(self.index, &c.output))
                 })
                 .collect();
             let (mut d, mut s) = (vec![0.0], vec![0u64]);

@@ -460,6 +460,31 @@ mod tests {
     }
 
     #[test]
+    fn scale_only_fits_are_bias_free_and_never_negative() {
+        let x = random_maps(2, 3, 6, 7, 5);
+        let mut y = random_maps(2, 3, 6, 7, 6);
+        plant_from(&x, &mut y, 0, 0, [0, 0], 0.6, 0.0);
+        plant_from(&x, &mut y, 1, 1, [0, 0], -0.8, 0.0);
+        plant_from(&x, &mut y, 2, 2, [0, 0], 1.5, 0.4);
+        let st = PairStats::compute(&y, &x, 0).scale_only(true);
+        // An exact positive multiple is recovered with no residual.
+        let f = st.fit(0, 0, 0, true);
+        assert!((f.scale - 0.6).abs() < 1e-5 && f.bias == 0.0 && f.residual < 1e-4, "{f:?}");
+        // A negative multiple (random maps are positive) clamps to 0: residual = Σ y².
+        let f = st.fit(1, 1, 0, true);
+        let syy: f64 = (0..2).flat_map(|k| y.plane(k, 1).iter().map(|&v| (v as f64).powi(2))).sum();
+        assert_eq!((f.scale, f.bias), (0.0, 0.0));
+        assert!((f.residual - syy).abs() < 1e-6 * syy);
+        // With a bias in the data the fit has none, and does worse than the affine fit.
+        let f = st.fit(2, 2, 0, true);
+        assert_eq!(f.bias, 0.0);
+        assert!(f.scale > 0.0 && f.residual > 1e-3);
+        assert!(PairStats::compute(&y, &x, 0).fit(2, 2, 0, true).residual < 1e-4);
+        // Without affine terms the setting changes nothing.
+        assert_eq!(st.fit(2, 2, 0, false), PairStats::compute(&y, &x, 0).fit(2, 2, 0, false));
+    }
+
+    #[test]
     fn a_shifted_scaled_copy_is_recovered_exactly() {
         let x = random_maps(3, 6, 12, 10, 3);
         let mut y = random_maps(3, 6, 12, 10, 4);

@@ -535,9 +535,10 @@ pub fn calibrate_with_report(
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
-        let stats = prof.time("pair stats", || {
-            PairStats::compute(y_true, y_cur, plan_opts.max_shift).scale_only(calib.scale_only)
-        });
+        // Scale-only ghosts where a consumer can absorb them (`--emit fold`), affine elsewhere.
+        let fold = calib.scale_only && crate::emit::fold::absorbable(index, &conv.output);
+        let stats = prof
+            .time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift).scale_only(fold));
         let key = (conv.weight.clone(), conv.bias.clone());
         let intrinsic = match first_intrinsic.get(&key) {
             Some(i) => i.clone(),

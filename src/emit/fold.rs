@@ -271,6 +271,41 @@ impl Folder<'_> {
     }
 }
 
+/// Whether a ghost stage on `tensor` (a Conv output of the original graph) could be absorbed
+/// anywhere: some path from it reaches an ungrouped Conv with constant weights through Relu,
+/// LeakyRelu and channel Splits only. The calibration fits such a layer's ghosts scale-only
+/// (foldable); elsewhere a bias-free fit would only lose accuracy, the copy Conv staying anyway.
+/// (Concat is not followed: it folds only when all its inputs are copies of one tensor.)
+pub fn absorbable(index: &GraphIndex<'_>, tensor: &str) -> bool {
+    let mut stack = vec![tensor];
+    let mut seen = HashSet::new();
+    while let Some(t) = stack.pop() {
+        if !seen.insert(t) {
+            continue;
+        }
+        for &i in index.consumers(t) {
+            let n = index.node(i);
+            if n.domain.as_deref().is_some_and(|d| !d.is_empty())
+                || n.input.first().map(String::as_str) != Some(t)
+            {
+                continue;
+            }
+            match n.op_type() {
+                "Conv" => {
+                    let w = n.input.get(1).and_then(|w| index.constant(w));
+                    if onnx::attr_i(n, "group").unwrap_or(1) == 1 && w.is_some_and(|w| w.dims.len() == 4) {
+                        return true;
+                    }
+                }
+                "Relu" | "LeakyRelu" => stack.extend(n.output.iter().map(String::as_str)),
+                "Split" if channel_axis(n, Some(4)) => stack.extend(n.output.iter().map(String::as_str)),
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
 /// Folds every foldable copy Conv of `model` into its consumers (see the module doc).
 pub fn fold(model: &ModelProto) -> Result<(ModelProto, FoldReport)> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
@@ -305,4 +340,79 @@ pub fn fold(model: &ModelProto) -> Result<(ModelProto, FoldReport)> {
     GraphIndex::new(out.graph.as_ref().expect("graph"))
         .context("internal error: the folded graph is inconsistent")?;
     Ok((out, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::GraphProto;
+
+    fn graph(tail: Vec<NodeProto>, w2: &[i64]) -> GraphProto {
+        let w2n: i64 = w2.iter().product();
+        GraphProto {
+            node: [vec![onnx::node("Conv", "c1", &["x", "w1"], &["y"], vec![])], tail].concat(),
+            initializer: vec![
+                onnx::f32_tensor("w1", &[8, 4, 3, 3], &[0.1; 8 * 4 * 9]),
+                onnx::f32_tensor("w2", w2, &vec![0.1; w2n as usize]),
+            ],
+            input: vec![onnx::value_info_nchw("x", [Some(1), Some(4), Some(8), Some(8)])],
+            ..Default::default()
+        }
+    }
+
+    fn absorbable_in(g: &GraphProto) -> bool {
+        absorbable(&GraphIndex::new(g).unwrap(), "y")
+    }
+
+    #[test]
+    fn ghosts_are_absorbable_through_activations_and_channel_splits_into_ungrouped_convs() {
+        let split = |out: [&str; 2]| onnx::node("Split", "s", &["a"], &out, vec![onnx::attr_int("axis", 1)]);
+        let act = onnx::node("LeakyRelu", "l", &["y"], &["a"], vec![]);
+        let add = onnx::node("Add", "add", &["p", "p"], &["z"], vec![]);
+        let conv = |x: &str, group: i64| {
+            onnx::node("Conv", "c2", &[x, "w2"], &["o"], vec![onnx::attr_int("group", group)])
+        };
+        let g = graph(vec![act.clone(), split(["p", "q"]), add.clone(), conv("q", 1)], &[4, 4, 3, 3]);
+        assert!(absorbable_in(&g), "one Split output reaches a Conv");
+        let g = graph(vec![act.clone(), split(["p", "q"]), add.clone(), conv("q", 2)], &[4, 2, 3, 3]);
+        assert!(!absorbable_in(&g), "a grouped Conv cannot absorb");
+        let g =
+            graph(vec![onnx::node("Add", "add", &["y", "y"], &["p"], vec![]), conv("p", 1)], &[4, 8, 3, 3]);
+        assert!(!absorbable_in(&g), "an Add in between needs the channels");
+        let g = graph(vec![onnx::node("Sigmoid", "sg", &["y"], &["p"], vec![]), conv("p", 1)], &[4, 8, 3, 3]);
+        assert!(!absorbable_in(&g), "Sigmoid does not commute with a scale");
+        let g = graph(vec![onnx::node("Relu", "r", &["y"], &["p"], vec![]), conv("p", 1)], &[4, 8, 3, 3]);
+        assert!(absorbable_in(&g));
+    }
+
+    #[test]
+    fn copy_rows_accept_one_weight_per_filter_and_no_bias_only() {
+        let copy = |w: &[f32], bias: Option<&[f32]>| {
+            let mut inits = vec![onnx::f32_tensor("w", &[3, 2, 1, 1], w)];
+            let mut ins = vec!["x", "w"];
+            if let Some(b) = bias {
+                inits.push(onnx::f32_tensor("b", &[3], b));
+                ins.push("b");
+            }
+            let g = GraphProto {
+                node: vec![onnx::node(
+                    "Conv",
+                    "k",
+                    &ins,
+                    &["y"],
+                    vec![onnx::attr_ints_of("kernel_shape", vec![1, 1])],
+                )],
+                initializer: inits,
+                input: vec![onnx::value_info_nchw("x", [Some(1), Some(2), Some(8), Some(8)])],
+                ..Default::default()
+            };
+            let index = GraphIndex::new(&g).unwrap();
+            copy_rows(&g.node[0], &index)
+        };
+        let w = [1.0, 0.0, 0.0, 0.5, 0.0, 0.0];
+        assert_eq!(copy(&w, None), Some((2, vec![(0, 1.0), (1, 0.5), (0, 0.0)])));
+        assert_eq!(copy(&w, Some(&[0.0; 3])), Some((2, vec![(0, 1.0), (1, 0.5), (0, 0.0)])));
+        assert_eq!(copy(&w, Some(&[0.0, 0.1, 0.0])), None, "a bias does not fold");
+        assert_eq!(copy(&[1.0, 1.0, 0.0, 0.5, 0.0, 0.0], None), None, "a mix of two channels is no copy");
+    }
 }
