@@ -102,8 +102,9 @@ pub struct PairStats {
     mean_y: Vec<f64>,
     vy: Vec<f64>,
     syy: Vec<f64>,
-    /// Affine fits are `a x` with `a >= 0` and no bias ([`Self::scale_only`]).
-    scale_only: bool,
+    /// Target channels whose affine fits are `a x` with `a >= 0` and no bias
+    /// ([`Self::scale_only`]); empty: none.
+    scale_only: Vec<bool>,
 }
 
 impl PairStats {
@@ -188,15 +189,15 @@ impl PairStats {
             mean_y,
             vy,
             syy,
-            scale_only: false,
+            scale_only: vec![],
         }
     }
 
-    /// From now on, affine fits are a non-negative scale without bias (`y ≈ a x`, `a >= 0`): the
-    /// ghosts that [`crate::emit::fold`] can absorb into the Convs reading them, through Relu and
-    /// LeakyRelu (which commute only with such a scale).
-    pub fn scale_only(mut self, on: bool) -> Self {
-        self.scale_only = on;
+    /// From now on, affine fits of the targets marked in `mask` are a non-negative scale
+    /// without bias (`y ≈ a x`, `a >= 0`): the ghosts that [`crate::emit::fold`] can absorb into
+    /// the Convs reading them, through Relu and LeakyRelu (which commute only with such a scale).
+    pub fn scale_only(mut self, mask: Vec<bool>) -> Self {
+        self.scale_only = mask;
         self
     }
 
@@ -206,7 +207,7 @@ impl PairStats {
         let cov = self.cov[(di * self.c_t + g) * self.c_s + s];
         let sx = self.sx[di * self.c_s + s];
         let sxx = self.sxx[di * self.c_s + s];
-        if affine && self.scale_only {
+        if affine && self.scale_only.get(g).copied().unwrap_or(false) {
             // min_a Σ (y - a x)^2 over a >= 0: a = max(0, Σxy / Σx²).
             let sxy = cov + self.mean_y[g] * sx;
             let a = if sxx > 1e-30 { (sxy / sxx).max(0.0) } else { 0.0 };
@@ -466,7 +467,7 @@ mod tests {
         plant_from(&x, &mut y, 0, 0, [0, 0], 0.6, 0.0);
         plant_from(&x, &mut y, 1, 1, [0, 0], -0.8, 0.0);
         plant_from(&x, &mut y, 2, 2, [0, 0], 1.5, 0.4);
-        let st = PairStats::compute(&y, &x, 0).scale_only(true);
+        let st = PairStats::compute(&y, &x, 0).scale_only(vec![true; 3]);
         // An exact positive multiple is recovered with no residual.
         let f = st.fit(0, 0, 0, true);
         assert!((f.scale - 0.6).abs() < 1e-5 && f.bias == 0.0 && f.residual < 1e-4, "{f:?}");

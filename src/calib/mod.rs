@@ -536,7 +536,10 @@ pub fn calibrate_with_report(
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
         // Scale-only ghosts where a consumer can absorb them (`--emit fold`), affine elsewhere.
-        let fold = calib.scale_only && crate::emit::fold::absorbable(index, &conv.output);
+        let fold = match calib.scale_only {
+            true => crate::emit::fold::absorbable_channels(index, &analysis.shapes, &conv.output, conv.c_out),
+            false => vec![],
+        };
         let stats = prof
             .time("pair stats", || PairStats::compute(y_true, y_cur, plan_opts.max_shift).scale_only(fold));
         let key = (conv.weight.clone(), conv.bias.clone());

@@ -27,6 +27,7 @@ use serde::Serialize;
 use super::{NamePool, keep};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{Policy, analyze};
+use crate::graph::shapes::Shapes;
 use crate::onnx::{self, ModelProto, NodeProto, TensorProto};
 
 /// What folding did.
@@ -40,20 +41,46 @@ pub struct FoldReport {
     pub materialised: usize,
 }
 
-/// One row of `M`: output channel = `scale` x channel `source` of the real tensor.
-type Rows = Rc<Vec<(usize, f32)>>;
+/// One filter of a copy Conv: `scale * x[source] + bias`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Row {
+    source: usize,
+    scale: f32,
+    bias: f32,
+}
 
-/// A tensor that is not computed: `rows` applied to real tensor `x` (`k` channels).
+/// A tensor that is not computed: channels `sel` of the copy `rows` of real tensor `x` (`k`
+/// channels), then, with `act`, that activation. A Conv can read it as `x` (or `act(x)`) when
+/// every selected row is bias-free (and, behind the activation, non-negative); anything else
+/// materialises exactly the selected rows: a 1x1 Conv of `x` with their scales and biases,
+/// then the activation.
 #[derive(Clone)]
 struct Virtual {
     x: String,
     k: usize,
-    rows: Rows,
+    rows: Rc<Vec<Row>>,
+    act: Option<Rc<NodeProto>>,
+    sel: Vec<usize>,
+    /// The copy Conv's output (the original tensor name).
+    origin: Rc<str>,
 }
 
-/// The rows of `n` if it is a copy Conv: 1x1, one group, stride 1, no padding, no (or a zero)
-/// bias, at most one non-zero weight per filter.
-fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<(usize, f32)>)> {
+impl Virtual {
+    fn absorbable(&self) -> bool {
+        let clean = |r: &Row| r.bias == 0.0 && (self.act.is_none() || r.scale >= 0.0);
+        self.sel.iter().all(|&i| clean(&self.rows[i]))
+    }
+
+    /// Whether `other` selects from the same copy, behind the same activation.
+    fn same_source(&self, other: &Virtual) -> bool {
+        let act = |v: &Virtual| v.act.as_ref().map(Rc::as_ptr);
+        self.x == other.x && Rc::ptr_eq(&self.rows, &other.rows) && act(self) == act(other)
+    }
+}
+
+/// The rows of `n` if it is a copy Conv: 1x1, one group, stride 1, no padding, at most one
+/// non-zero weight per filter.
+fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<Row>)> {
     if n.op_type() != "Conv" || n.domain.as_deref().is_some_and(|d| !d.is_empty()) || n.output.len() != 1 {
         return None;
     }
@@ -69,27 +96,26 @@ fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<(usize
     if onnx::attr_i(n, "group").unwrap_or(1) != 1 || !ones("strides") || !zeros || !plain_pad {
         return None;
     }
-    if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
-        let b = onnx::tensor_f32(index.constant(b)?).ok()?;
-        if b.iter().any(|&x| x != 0.0) {
-            return None;
-        }
-    }
+    let c = dims[0] as usize;
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        Some(b) => onnx::tensor_f32(index.constant(b)?).ok().filter(|b| b.len() == c)?,
+        None => vec![0.0; c],
+    };
     let k = dims[1] as usize;
-    let mut rows = Vec::with_capacity(dims[0] as usize);
-    for f in v.chunks(k) {
+    let mut rows = Vec::with_capacity(c);
+    for (f, &b) in v.chunks(k).zip(&bias) {
         let mut nz = f.iter().enumerate().filter(|(_, x)| **x != 0.0);
-        let row = match (nz.next(), nz.next()) {
+        let (source, scale) = match (nz.next(), nz.next()) {
             (None, _) => (0, 0.0),
             (Some((j, &s)), None) if s.is_finite() => (j, s),
             _ => return None,
         };
-        rows.push(row);
+        rows.push(Row { source, scale, bias: b });
     }
     Some((k, rows))
 }
 
-/// Channel axis split sizes of `n`'s outputs, when it splits along axis 1 of a 4-D tensor.
+/// Whether `n` splits or concatenates along axis 1 of a 4-D tensor.
 fn channel_axis(n: &NodeProto, rank: Option<usize>) -> bool {
     let axis = onnx::attr_i(n, "axis").unwrap_or(if n.op_type() == "Split" { 0 } else { -1 });
     rank == Some(4) && (axis == 1 || axis == -3)
@@ -100,12 +126,19 @@ struct Folder<'a> {
     shapes: &'a crate::graph::shapes::Shapes,
     virt: HashMap<String, Virtual>,
     materialised: HashSet<String>,
+    /// `act(x)` already emitted, by (activation node, x).
+    activated: HashMap<(usize, String), String>,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     /// Absorbed weights already made: (weight, x, rows) -> name.
     derived: HashMap<String, String>,
     names: NamePool,
     report: FoldReport,
+    /// Copies left as they are: no Conv could absorb any part of them (folding would only
+    /// split them into several).
+    keep: HashSet<String>,
+    /// Copies some Conv absorbed.
+    used: HashSet<Rc<str>>,
 }
 
 impl Folder<'_> {
@@ -116,33 +149,72 @@ impl Folder<'_> {
         name
     }
 
-    /// `t` computed (if it is virtual: a copy Conv writing it, emitted once, here).
+    /// `t` computed (if it is virtual: a copy Conv, and the activation, writing it, emitted
+    /// once, here).
     fn real(&mut self, t: &str) {
         let Some(v) = self.virt.get(t).cloned() else { return };
         if !self.materialised.insert(t.to_string()) {
             return;
         }
-        let mut w = vec![0.0f32; v.rows.len() * v.k];
-        for (c, &(j, s)) in v.rows.iter().enumerate() {
-            w[c * v.k + j] = s;
+        let c = v.sel.len();
+        let mut w = vec![0.0f32; c * v.k];
+        let mut b = vec![0.0f32; c];
+        for (o, &i) in v.sel.iter().enumerate() {
+            let r = v.rows[i];
+            w[o * v.k + r.source] = r.scale;
+            b[o] = r.bias;
         }
-        let wname = self.add_init(
-            &format!("{t}/ghostsr_fold_copy_weight"),
-            onnx::f32_tensor("", &[v.rows.len() as i64, v.k as i64, 1, 1], &w),
-        );
+        let dims = [c as i64, v.k as i64, 1, 1];
+        let wname = self.add_init(&format!("{t}/ghostsr_fold_copy_weight"), onnx::f32_tensor("", &dims, &w));
+        let mut ins = vec![v.x.clone(), wname];
+        if b.iter().any(|&x| x != 0.0) {
+            ins.push(
+                self.add_init(&format!("{t}/ghostsr_fold_copy_bias"), onnx::f32_tensor("", &[c as i64], &b)),
+            );
+        }
+        let copied = match v.act {
+            Some(_) => self.names.fresh(&format!("{t}/ghostsr_fold_pre")),
+            None => t.to_string(),
+        };
         let name = self.names.fresh(&format!("{t}/ghostsr_fold_copy"));
+        let ins: Vec<&str> = ins.iter().map(String::as_str).collect();
         self.nodes.push(onnx::node(
             "Conv",
             &name,
-            &[&v.x, &wname],
-            &[t],
+            &ins,
+            &[&copied],
             vec![
                 onnx::attr_ints_of("kernel_shape", vec![1, 1]),
                 onnx::attr_ints_of("pads", vec![0, 0, 0, 0]),
                 onnx::attr_ints_of("strides", vec![1, 1]),
             ],
         ));
+        if let Some(act) = &v.act {
+            let mut m = (**act).clone();
+            m.input[0] = copied;
+            m.output[0] = t.to_string();
+            m.name = Some(self.names.fresh(&format!("{t}/ghostsr_fold_act")));
+            self.nodes.push(m);
+        }
         self.report.materialised += 1;
+    }
+
+    /// The real tensor a Conv absorbing `v` reads: `x`, or `act(x)` (emitted once).
+    fn absorbed_input(&mut self, v: &Virtual) -> String {
+        let Some(act) = &v.act else { return v.x.clone() };
+        let key = (Rc::as_ptr(act) as usize, v.x.clone());
+        if let Some(name) = self.activated.get(&key) {
+            return name.clone();
+        }
+        let out = self.names.fresh(&format!("{}/ghostsr_fold", act.output[0]));
+        let mut m = (**act).clone();
+        m.input[0] = v.x.clone();
+        m.output[0] = out.clone();
+        let base = act.name.clone().unwrap_or_else(|| act.output[0].clone());
+        m.name = Some(self.names.fresh(&format!("{base}/ghostsr_fold")));
+        self.nodes.push(m);
+        self.activated.insert(key, out.clone());
+        out
     }
 
     /// Emits `n` as it is, its virtual inputs (and those its subgraphs read) materialised.
@@ -157,80 +229,69 @@ impl Folder<'_> {
     fn node(&mut self, n: &NodeProto) -> Result<()> {
         let op = if n.domain.as_deref().unwrap_or("").is_empty() { n.op_type() } else { "" };
         let x0 = n.input.first().cloned().unwrap_or_default();
-        let v0 = self.virt.get(&x0).cloned();
-        let only_first = n.input.iter().skip(1).all(|i| !self.virt.contains_key(i));
-        // A copy Conv: its output is virtual (over the copy's input, or composed with it).
+        let rank = self.shapes.get(&x0).map(<[i64]>::len);
+        // A copy Conv of a real tensor: its output is virtual.
         if let Some((k, rows)) = copy_rows(n, self.index)
             && self.shapes.channels(&x0) == Some(k)
+            && !self.keep.contains(&n.output[0])
+            && !self.virt.contains_key(&x0)
         {
             self.report.copies += 1;
-            let v = match v0 {
-                Some(v) => {
-                    let rows = rows.iter().map(|&(j, s)| (v.rows[j].0, s * v.rows[j].1)).collect();
-                    Virtual { x: v.x, k: v.k, rows: Rc::new(rows) }
-                }
-                None => Virtual { x: x0, k, rows: Rc::new(rows) },
-            };
+            let sel = (0..rows.len()).collect();
+            let origin = Rc::from(n.output[0].as_str());
+            let v = Virtual { x: x0, k, rows: Rc::new(rows), act: None, sel, origin };
             self.virt.insert(n.output[0].clone(), v);
             return Ok(());
         }
-        let Some(v) = v0.filter(|_| only_first) else {
-            // Concat of virtual tensors over one real tensor stays virtual.
-            if op == "Concat" && channel_axis(n, self.shapes.get(&x0).map(<[i64]>::len)) {
-                let parts: Option<Vec<Virtual>> = n.input.iter().map(|i| self.virt.get(i).cloned()).collect();
-                if let Some(parts) = parts.filter(|p| p.windows(2).all(|w| w[0].x == w[1].x))
-                    && let Some(first) = parts.first()
-                {
-                    let rows: Vec<(usize, f32)> = parts.iter().flat_map(|p| p.rows.iter().copied()).collect();
-                    let v = Virtual { x: first.x.clone(), k: first.k, rows: Rc::new(rows) };
-                    self.virt.insert(n.output[0].clone(), v);
-                    return Ok(());
-                }
+        // A Concat of selections of one copy is a selection of it.
+        if op == "Concat" && channel_axis(n, rank) {
+            let parts: Option<Vec<Virtual>> = n.input.iter().map(|i| self.virt.get(i).cloned()).collect();
+            if let Some(parts) = parts.filter(|p| p.windows(2).all(|w| w[0].same_source(&w[1])))
+                && let Some(first) = parts.first()
+            {
+                let sel = parts.iter().flat_map(|p| p.sel.iter().copied()).collect();
+                let v = Virtual { sel, ..first.clone() };
+                self.virt.insert(n.output[0].clone(), v);
+                return Ok(());
             }
+        }
+        let only_first = n.input.iter().skip(1).all(|i| !self.virt.contains_key(i));
+        let Some(v) = self.virt.get(&x0).cloned().filter(|_| only_first) else {
             self.plain(n);
             return Ok(());
         };
-        let rank = self.shapes.get(&x0).map(<[i64]>::len);
         match op {
-            "Relu" | "LeakyRelu" if v.rows.iter().all(|&(_, s)| s >= 0.0) && n.output.len() == 1 => {
-                // f(M x) = M f(x): the activation runs on the real tensor's k channels.
-                let out = self.names.fresh(&format!("{}/ghostsr_fold", n.output[0]));
-                let mut m = n.clone();
-                m.input[0] = v.x.clone();
-                m.output[0] = out.clone();
-                if let Some(name) = &n.name {
-                    m.name = Some(self.names.fresh(&format!("{name}/ghostsr_fold")));
-                }
-                self.nodes.push(m);
-                self.virt.insert(n.output[0].clone(), Virtual { x: out, k: v.k, rows: v.rows });
+            "Relu" | "LeakyRelu" if v.act.is_none() && n.output.len() == 1 => {
+                // f(s x) = s f(x) for s >= 0: bias-free non-negative rows stay absorbable.
+                let v = Virtual { act: Some(Rc::new(n.clone())), ..v };
+                self.virt.insert(n.output[0].clone(), v);
             }
             "Split" if channel_axis(n, rank) => {
                 let sizes: Option<Vec<usize>> = n.output.iter().map(|o| self.shapes.channels(o)).collect();
-                match sizes.filter(|s| s.iter().sum::<usize>() == v.rows.len()) {
+                match sizes.filter(|s| s.iter().sum::<usize>() == v.sel.len()) {
                     Some(sizes) => {
                         let mut start = 0;
                         for (o, s) in n.output.iter().zip(sizes) {
-                            let rows = Rc::new(v.rows[start..start + s].to_vec());
-                            self.virt.insert(o.clone(), Virtual { x: v.x.clone(), k: v.k, rows });
+                            let sel = v.sel[start..start + s].to_vec();
+                            self.virt.insert(o.clone(), Virtual { sel, ..v.clone() });
                             start += s;
                         }
                     }
                     None => self.plain(n),
                 }
             }
-            "Concat" => self.plain(n),
-            "Conv" => self.conv(n, &v)?,
+            "Conv" if v.absorbable() => self.conv(n, &v)?,
             _ => self.plain(n),
         }
         Ok(())
     }
 
-    /// A Conv reading virtual `v`: absorbs `M` into its weights when they are constant and
-    /// ungrouped.
+    /// A Conv reading virtual `v` (every selected row absorbable): absorbs it into its weights
+    /// when they are constant and ungrouped.
     fn conv(&mut self, n: &NodeProto, v: &Virtual) -> Result<()> {
         let w = n.input.get(1).and_then(|w| self.index.constant(w));
         let group = onnx::attr_i(n, "group").unwrap_or(1);
-        let Some(w) = w.filter(|w| w.dims.len() == 4 && w.dims[1] as usize == v.rows.len() && group == 1)
+        let Some(w) = w.filter(|w| w.dims.len() == 4 && w.dims[1] as usize == v.sel.len() && group == 1)
         else {
             self.plain(n);
             return Ok(());
@@ -238,13 +299,14 @@ impl Folder<'_> {
         let data = onnx::tensor_f32(w).with_context(|| format!("weights of {}", n.input[1]))?;
         let (c_out, c_in) = (w.dims[0] as usize, w.dims[1] as usize);
         let plane = (w.dims[2] * w.dims[3]) as usize;
-        let key = format!("{} {} {:?}", n.input[1], v.x, v.rows);
+        let rows: Vec<(usize, f32)> = v.sel.iter().map(|&i| (v.rows[i].source, v.rows[i].scale)).collect();
+        let key = format!("{} {} {:?}", n.input[1], v.x, rows);
         let wname = match self.derived.get(&key) {
             Some(name) => name.clone(),
             None => {
                 let mut out = vec![0.0f32; c_out * v.k * plane];
                 for o in 0..c_out {
-                    for (c, &(j, s)) in v.rows.iter().enumerate() {
+                    for (c, &(j, s)) in rows.iter().enumerate() {
                         if s == 0.0 {
                             continue;
                         }
@@ -263,47 +325,57 @@ impl Folder<'_> {
             }
         };
         let mut m = n.clone();
-        m.input[0] = v.x.clone();
+        m.input[0] = self.absorbed_input(v);
         m.input[1] = wname;
         self.nodes.push(m);
         self.report.absorbed += 1;
+        self.used.insert(v.origin.clone());
         Ok(())
     }
 }
 
-/// Whether a ghost stage on `tensor` (a Conv output of the original graph) could be absorbed
-/// anywhere: some path from it reaches an ungrouped Conv with constant weights through Relu,
-/// LeakyRelu and channel Splits only. The calibration fits such a layer's ghosts scale-only
-/// (foldable); elsewhere a bias-free fit would only lose accuracy, the copy Conv staying anyway.
-/// (Concat is not followed: it folds only when all its inputs are copies of one tensor.)
-pub fn absorbable(index: &GraphIndex<'_>, tensor: &str) -> bool {
-    let mut stack = vec![tensor];
+/// Which channels of `tensor` (a Conv output of the original graph, `c` channels) a ghost stage
+/// could leave to a consumer to absorb: those from which some path reaches an ungrouped Conv
+/// with constant weights through Relu, LeakyRelu and channel Splits only. The calibration fits
+/// these channels' ghosts scale-only (foldable) and the others affine: those are computed by a
+/// copy Conv anyway, where a bias costs nothing. (Concat is not followed: it folds only when
+/// all its inputs are copies of one tensor.)
+pub fn absorbable_channels(index: &GraphIndex<'_>, shapes: &Shapes, tensor: &str, c: usize) -> Vec<bool> {
+    let mut out = vec![false; c];
+    // (tensor, first channel of the conv output it holds)
+    let mut stack = vec![(tensor.to_string(), 0usize)];
     let mut seen = HashSet::new();
-    while let Some(t) = stack.pop() {
-        if !seen.insert(t) {
+    while let Some((t, at)) = stack.pop() {
+        if !seen.insert((t.clone(), at)) {
             continue;
         }
-        for &i in index.consumers(t) {
+        let width = shapes.channels(&t).unwrap_or(c - at).min(c - at);
+        for &i in index.consumers(&t) {
             let n = index.node(i);
-            if n.domain.as_deref().is_some_and(|d| !d.is_empty())
-                || n.input.first().map(String::as_str) != Some(t)
-            {
+            if n.domain.as_deref().is_some_and(|d| !d.is_empty()) || n.input.first() != Some(&t) {
                 continue;
             }
             match n.op_type() {
                 "Conv" => {
                     let w = n.input.get(1).and_then(|w| index.constant(w));
                     if onnx::attr_i(n, "group").unwrap_or(1) == 1 && w.is_some_and(|w| w.dims.len() == 4) {
-                        return true;
+                        out[at..at + width].fill(true);
                     }
                 }
-                "Relu" | "LeakyRelu" => stack.extend(n.output.iter().map(String::as_str)),
-                "Split" if channel_axis(n, Some(4)) => stack.extend(n.output.iter().map(String::as_str)),
+                "Relu" | "LeakyRelu" => stack.extend(n.output.iter().map(|o| (o.clone(), at))),
+                "Split" if channel_axis(n, Some(4)) => {
+                    let mut start = at;
+                    for o in &n.output {
+                        let Some(w) = shapes.channels(o) else { break };
+                        stack.push((o.clone(), start));
+                        start += w;
+                    }
+                }
                 _ => {}
             }
         }
     }
-    false
+    out
 }
 
 /// Folds every foldable copy Conv of `model` into its consumers (see the module doc).
@@ -311,24 +383,37 @@ pub fn fold(model: &ModelProto) -> Result<(ModelProto, FoldReport)> {
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let index = GraphIndex::new(graph)?;
     let analysis = analyze(&index, &Policy::default())?;
-    let mut f = Folder {
-        index: &index,
-        shapes: &analysis.shapes,
-        virt: HashMap::new(),
-        materialised: HashSet::new(),
-        nodes: vec![],
-        inits: vec![],
-        derived: HashMap::new(),
-        names: NamePool::of(graph),
-        report: FoldReport::default(),
-    };
-    for node in &graph.node {
-        f.node(node).with_context(|| format!("folding {}", crate::graph::describe(node)))?;
-    }
-    for out in &graph.output {
-        if let Some(name) = out.name.as_deref() {
-            f.real(name);
+    let pass = |keep: HashSet<String>| -> Result<Folder<'_>> {
+        let mut f = Folder {
+            index: &index,
+            shapes: &analysis.shapes,
+            virt: HashMap::new(),
+            materialised: HashSet::new(),
+            activated: HashMap::new(),
+            nodes: vec![],
+            inits: vec![],
+            derived: HashMap::new(),
+            names: NamePool::of(graph),
+            report: FoldReport::default(),
+            keep,
+            used: HashSet::new(),
+        };
+        for node in &graph.node {
+            f.node(node).with_context(|| format!("folding {}", crate::graph::describe(node)))?;
         }
+        for out in &graph.output {
+            if let Some(name) = out.name.as_deref() {
+                f.real(name);
+            }
+        }
+        Ok(f)
+    };
+    let mut f = pass(HashSet::new())?;
+    // A copy that no Conv absorbed stays one copy Conv: run again leaving those alone.
+    let unused: HashSet<String> =
+        f.virt.values().filter(|v| !f.used.contains(&v.origin)).map(|v| v.origin.to_string()).collect();
+    if !unused.is_empty() {
+        f = pass(unused)?;
     }
     let Folder { nodes, inits, report, .. } = f;
     let mut out = model.clone();
@@ -361,7 +446,13 @@ mod tests {
     }
 
     fn absorbable_in(g: &GraphProto) -> bool {
-        absorbable(&GraphIndex::new(g).unwrap(), "y")
+        absorbable_channels_in(g).iter().any(|&a| a)
+    }
+
+    fn absorbable_channels_in(g: &GraphProto) -> Vec<bool> {
+        let index = GraphIndex::new(g).unwrap();
+        let shapes = analyze(&index, &Policy::default()).unwrap().shapes;
+        absorbable_channels(&index, &shapes, "y", 8)
     }
 
     #[test]
@@ -374,6 +465,7 @@ mod tests {
         };
         let g = graph(vec![act.clone(), split(["p", "q"]), add.clone(), conv("q", 1)], &[4, 4, 3, 3]);
         assert!(absorbable_in(&g), "one Split output reaches a Conv");
+        assert_eq!(absorbable_channels_in(&g), [false, false, false, false, true, true, true, true]);
         let g = graph(vec![act.clone(), split(["p", "q"]), add.clone(), conv("q", 2)], &[4, 2, 3, 3]);
         assert!(!absorbable_in(&g), "a grouped Conv cannot absorb");
         let g =
@@ -386,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_rows_accept_one_weight_per_filter_and_no_bias_only() {
+    fn copy_rows_accept_one_weight_per_filter() {
         let copy = |w: &[f32], bias: Option<&[f32]>| {
             let mut inits = vec![onnx::f32_tensor("w", &[3, 2, 1, 1], w)];
             let mut ins = vec!["x", "w"];
@@ -410,9 +502,12 @@ mod tests {
             copy_rows(&g.node[0], &index)
         };
         let w = [1.0, 0.0, 0.0, 0.5, 0.0, 0.0];
-        assert_eq!(copy(&w, None), Some((2, vec![(0, 1.0), (1, 0.5), (0, 0.0)])));
-        assert_eq!(copy(&w, Some(&[0.0; 3])), Some((2, vec![(0, 1.0), (1, 0.5), (0, 0.0)])));
-        assert_eq!(copy(&w, Some(&[0.0, 0.1, 0.0])), None, "a bias does not fold");
+        let row = |source, scale, bias| Row { source, scale, bias };
+        let rows = vec![row(0, 1.0, 0.0), row(1, 0.5, 0.0), row(0, 0.0, 0.0)];
+        assert_eq!(copy(&w, None), Some((2, rows.clone())));
+        assert_eq!(copy(&w, Some(&[0.0; 3])), Some((2, rows)));
+        let biased = vec![row(0, 1.0, 0.0), row(1, 0.5, 0.1), row(0, 0.0, -2.0)];
+        assert_eq!(copy(&w, Some(&[0.0, 0.1, -2.0])), Some((2, biased)), "biases are kept per row");
         assert_eq!(copy(&[1.0, 1.0, 0.0, 0.5, 0.0, 0.0], None), None, "a mix of two channels is no copy");
     }
 }

@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -36,7 +37,7 @@ def w_k(pad):
     return 2 * pad + 1
 
 
-def split_model(path):
+def split_model(path, bias=None):
     """x -> reduced 3x3 Conv (6 filters) -> copy Conv (12 rows: 6 identity, 5 positive scales, one
     zero) -> LeakyRelu -> Split [4, 8]: the 4 go to Concat -> graph output `d` (not absorbable), the 8
     to a 3x3 Conv -> Relu -> 1x1 Conv -> Add with the LeakyRelu output's first 8 channels -> `z`."""
@@ -50,7 +51,8 @@ def split_model(path):
     w3 = rng.normal(size=(8, 8, 1, 1)).astype(np.float32)
     nodes = [
         conv("c1", "x", "w1", "r", 1),
-        helper.make_node("Conv", ["r", "copy"], ["y"], name="copy", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["r", "copy"] + (["cb"] if bias is not None else []), ["y"], name="copy",
+                         kernel_shape=[1, 1]),
         helper.make_node("LeakyRelu", ["y"], ["a"], name="act", alpha=0.1),
         helper.make_node("Split", ["a", "sizes"], ["d0", "rest"], name="split", axis=1),
         helper.make_node("Concat", ["d0", "d0"], ["d"], name="cat", axis=1),
@@ -61,6 +63,8 @@ def split_model(path):
     ]
     inits = [numpy_helper.from_array(a, n) for a, n in
              [(w1, "w1"), (copy, "copy"), (w2, "w2"), (w3, "w3"), (np.array([4, 8], np.int64), "sizes")]]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "cb"))
     g = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
                           [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 16, 16]) for n in ("d", "z")], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -68,9 +72,12 @@ def split_model(path):
     onnx.save(m, str(path))
 
 
-def test_fold_through_leaky_relu_split_and_concat_is_exact(tmp_path):
+@pytest.mark.parametrize("bias", [None, [0, 0.5, 0, -0.25] + [0] * 8])
+def test_fold_through_leaky_relu_split_and_concat_is_exact(tmp_path, bias):
+    """Biased rows (here in the Split's first part, which no Conv reads) are computed before the
+    activation by the copy that materialises them; the bias-free part is absorbed by c2."""
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
-    split_model(src)
+    split_model(src, bias)
     proc = ghostsr("convert", src, "-o", out, "--emit", "fold", "--ratio", "0", "--kmeans", "--include", "c2")
     assert "folded:         1 ghost copies, absorbed by 1 Conv reads, 2 still computed" in proc.stdout, proc.stdout
     onnx.checker.check_model(str(out), full_check=True)
@@ -83,11 +90,13 @@ def test_fold_through_leaky_relu_split_and_concat_is_exact(tmp_path):
     # c2 reads the 6 reduced channels (LeakyRelu'd), not the 8 copies.
     assert list(inits[nodes["c2"].input[1]].dims) == [8, 6, 3, 3]
     assert nodes["act/ghostsr_fold"].input == ["r"]
-    # The Add and the graph output (a Concat of copies) read copies, made by 1x1 Convs of the
-    # activated reduced tensor.
+    # The Add and the graph output (a Concat of copies) read copies: 1x1 Convs of the reduced
+    # tensor, then the activation.
     copies = [n for n in m.graph.node if n.name.endswith("ghostsr_fold_copy")]
-    assert sorted(n.output[0] for n in copies) == ["d", "rest"]
-    assert all(n.input[0] == nodes["act/ghostsr_fold"].output[0] for n in copies)
+    assert all(n.input[0] == "r" for n in copies) and len(copies) == 2
+    acts = [n for n in m.graph.node if n.name.endswith("ghostsr_fold_act")]
+    assert sorted(n.output[0] for n in acts) == ["d", "rest"]
+    assert all(n.op_type == "LeakyRelu" for n in acts)
 
 
 def test_negative_or_biased_copies_are_left_alone(tmp_path):
