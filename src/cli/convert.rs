@@ -39,11 +39,13 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "PATH")]
     pub weights: Option<PathBuf>,
     /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
-    /// Runtime); `standard` and `conv` use standard ONNX ops only (`conv`: Convs only, fastest
-    /// on ONNX Runtime's CPU provider).
+    /// Runtime); `standard`, `conv` and `fold` use standard ONNX ops only (`conv`: Convs only,
+    /// fastest on ONNX Runtime's CPU provider in float; `fold`: `conv` with unshifted ghosts
+    /// absorbed by the Convs that read them, fastest under int8; it fits those ghosts without
+    /// bias).
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
-    /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit conv --int8` (fastest
+    /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit fold --int8` (fastest
     /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, conflicts_with = "emit")]
     pub target: Option<Target>,

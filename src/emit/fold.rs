@@ -1,19 +1,21 @@
 //! The folded form: unshifted ghosts absorbed by the Convs that read them.
 //!
 //! In the Convs-only form ([`EmitMode::Conv`](super::EmitMode::Conv)) an unshifted ghost stage is
-//! one 1x1 "copy" Conv whose filter `c` has a single non-zero weight `s_c` at input `src(c)` and
-//! no bias: `y_c = s_c x_src(c)`, with `x` the reduced Conv's output. Such a `y = M x` need not
-//! be computed when every path from it reaches a Conv through operators that commute with `M`:
-//! Relu and LeakyRelu (`f(s v) = s f(v)` for `s >= 0`), channel Split (rows of `M`) and channel
-//! Concat (stacked rows over the same `x`). A Conv reading `M x` reads `x` with weights
-//! `W' = W M` (`W'[:, k] = Σ_{src(c)=k} s_c W[:, c]`): fewer input channels, fewer MACs, and no
-//! copy Conv; its zero padding stays exact because `M 0 = 0`. Where a tensor meets anything
-//! else (Add, Mul, a graph output, a grouped Conv, an op this module does not know) it is
-//! materialised with the copy Conv, just before that consumer, once. So the rewrite is exact:
-//! the folded model computes the Convs-only model's function (up to float rounding), and a
-//! ghost stage no consumer can absorb costs what it cost before. It is channel pruning with the
-//! consumers absorbing the pruned channels; the calibration's scale-only fits
-//! ([`crate::calib::CalibOptions::scale_only`]) make the ghosts of every layer foldable.
+//! one 1x1 "copy" Conv whose filter `c` has a single non-zero weight `s_c` at input `src(c)`:
+//! `y_c = s_c x_src(c) + b_c`, with `x` the reduced Conv's output. Where `b_c = 0`, `y = M x`
+//! need not be computed if every path from it reaches a Conv through operators that commute with
+//! `M`: Relu and LeakyRelu (`f(s v) = s f(v)` for `s >= 0`), channel Split (rows of `M`) and
+//! channel Concat (stacked rows over the same `x`). A Conv reading `M x` reads `x` (or `f(x)`)
+//! with weights `W' = W M` (`W'[:, k] = Σ_{src(c)=k} s_c W[:, c]`): fewer input channels, fewer
+//! MACs, no copy Conv; its zero padding stays exact because `M 0 = 0`. Where a tensor meets
+//! anything else (Add, Mul, a graph output, a grouped Conv, an op this module does not know), or
+//! one of its rows has a bias (or a negative scale behind an activation), exactly its channels
+//! are materialised, once, just before that consumer: a 1x1 copy Conv of `x` with their scales
+//! and biases, then the activation. So the rewrite is exact: the folded model computes the
+//! Convs-only model's function (up to float rounding). A copy that no Conv absorbs is left as it
+//! was (one copy Conv). It is channel pruning with the consumers absorbing the pruned channels;
+//! the calibration fits the ghosts of channels a Conv could absorb scale-only
+//! ([`crate::calib::CalibOptions::scale_only`], [`absorbable_channels`]) and the others affine.
 //!
 //! This pass reads only the graph (no plan): any 1x1 Conv of that shape folds, so it also
 //! applies to a Convs-only ghost model written earlier (`convert g.onnx --emit fold --ratio 0`).
