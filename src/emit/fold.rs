@@ -92,6 +92,9 @@ fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<Row>)>
     if dims.len() != 4 || dims[2] != 1 || dims[3] != 1 || dims[0] <= 0 || dims[1] <= 0 {
         return None;
     }
+    if v.len() != onnx::numel(dims) {
+        return None;
+    }
     let ones = |a: &str| onnx::attr_ints(n, a).is_none_or(|v| v.iter().all(|&x| x == 1));
     let zeros = onnx::attr_ints(n, "pads").is_none_or(|v| v.iter().all(|&x| x == 0));
     let plain_pad = onnx::attr_s(n, "auto_pad").is_none_or(|s| s == "NOTSET" || s == "VALID");
@@ -246,7 +249,7 @@ impl Folder<'_> {
             return Ok(());
         }
         // A Concat of selections of one copy is a selection of it.
-        if op == "Concat" && channel_axis(n, rank) {
+        if op == "Concat" && channel_axis(n, rank) && n.output.len() == 1 {
             let parts: Option<Vec<Virtual>> = n.input.iter().map(|i| self.virt.get(i).cloned()).collect();
             if let Some(parts) = parts.filter(|p| p.windows(2).all(|w| w[0].same_source(&w[1])))
                 && let Some(first) = parts.first()
@@ -293,12 +296,20 @@ impl Folder<'_> {
     fn conv(&mut self, n: &NodeProto, v: &Virtual) -> Result<()> {
         let w = n.input.get(1).and_then(|w| self.index.constant(w));
         let group = onnx::attr_i(n, "group").unwrap_or(1);
-        let Some(w) = w.filter(|w| w.dims.len() == 4 && w.dims[1] as usize == v.sel.len() && group == 1)
-        else {
+        let Some(w) = w.filter(|w| {
+            w.dims.len() == 4
+                && w.dims.iter().all(|&d| d > 0)
+                && w.dims[1] as usize == v.sel.len()
+                && group == 1
+        }) else {
             self.plain(n);
             return Ok(());
         };
-        let data = onnx::tensor_f32(w).with_context(|| format!("weights of {}", n.input[1]))?;
+        // Weights that are not plain float32 of their declared size: leave this Conv alone.
+        let Some(data) = onnx::tensor_f32(w).ok().filter(|d| d.len() == onnx::numel(&w.dims)) else {
+            self.plain(n);
+            return Ok(());
+        };
         let (c_out, c_in) = (w.dims[0] as usize, w.dims[1] as usize);
         let plane = (w.dims[2] * w.dims[3]) as usize;
         let rows: Vec<(usize, f32)> = v.sel.iter().map(|&i| (v.rows[i].source, v.rows[i].scale)).collect();
@@ -351,7 +362,7 @@ pub fn absorbable_channels(index: &GraphIndex<'_>, shapes: &Shapes, tensor: &str
         if !seen.insert((t.clone(), at)) {
             continue;
         }
-        let width = shapes.channels(&t).unwrap_or(c - at).min(c - at);
+        let width = shapes.channels(&t).unwrap_or(c).min(c.saturating_sub(at));
         for &i in index.consumers(&t) {
             let n = index.node(i);
             if n.domain.as_deref().is_some_and(|d| !d.is_empty()) || n.input.first() != Some(&t) {
