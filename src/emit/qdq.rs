@@ -14,7 +14,9 @@
 //! the Concat-and-permute forms turn Splits of permuted tensors into Gathers (or copy Convs) and
 //! their Transposes cost more than the copies, and shifting with Pad/Slice/Concat on the uint8
 //! tensor costs more than the depthwise Conv (measured in BENCHMARKS.md). int8 plans default to
-//! unshifted ghosts ([`INT8_MAX_SHIFT`]), whose ghost stage is the copy Conv alone.
+//! unshifted ghosts ([`INT8_MAX_SHIFT`]), whose ghost stage is the copy Conv alone, and
+//! `--target cpu-int8` quantizes the folded form ([`super::fold`]), where the Convs reading
+//! those copies absorb them and no copy runs at all.
 
 use std::collections::{HashMap, HashSet};
 
