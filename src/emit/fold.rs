@@ -80,6 +80,23 @@ impl Virtual {
     }
 }
 
+/// One input of a deferred channel Concat: a real tensor (`channels` wide) or a virtual one.
+#[derive(Clone)]
+enum Seg {
+    Real(String, usize),
+    Virt(Virtual),
+}
+
+/// A channel Concat not computed yet because some of its inputs are virtual (a dense block's
+/// `Concat(features, relu(ghosted conv))`): a Conv reading it reads the Concat of its real
+/// inputs and the virtual inputs' real tensors, with weights to match; anything else gets the
+/// original Concat, its virtual inputs materialised.
+#[derive(Clone)]
+struct Mixed {
+    segs: Vec<Seg>,
+    node: NodeProto,
+}
+
 /// The rows of `n` if it is a copy Conv: 1x1, one group, stride 1, no padding, at most one
 /// non-zero weight per filter.
 fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<Row>)> {
@@ -130,6 +147,7 @@ struct Folder<'a> {
     index: &'a GraphIndex<'a>,
     shapes: &'a crate::graph::shapes::Shapes,
     virt: HashMap<String, Virtual>,
+    mixed: HashMap<String, Mixed>,
     materialised: HashSet<String>,
     /// `act(x)` already emitted, by (activation node, x).
     activated: HashMap<(usize, String), String>,
@@ -157,6 +175,15 @@ impl Folder<'_> {
     /// `t` computed (if it is virtual: a copy Conv, and the activation, writing it, emitted
     /// once, here).
     fn real(&mut self, t: &str) {
+        if let Some(m) = self.mixed.get(t).cloned() {
+            if self.materialised.insert(t.to_string()) {
+                for i in &m.node.input {
+                    self.real(i);
+                }
+                self.nodes.push(m.node);
+            }
+            return;
+        }
         let Some(v) = self.virt.get(t).cloned() else { return };
         if !self.materialised.insert(t.to_string()) {
             return;
@@ -260,7 +287,35 @@ impl Folder<'_> {
                 return Ok(());
             }
         }
-        let only_first = n.input.iter().skip(1).all(|i| !self.virt.contains_key(i));
+        let deferred = |f: &Self, i: &str| f.virt.contains_key(i) || f.mixed.contains_key(i);
+        if op == "Concat"
+            && channel_axis(n, rank)
+            && n.output.len() == 1
+            && n.input.iter().any(|i| deferred(self, i))
+        {
+            let mut segs = Vec::new();
+            for i in &n.input {
+                if let Some(v) = self.virt.get(i) {
+                    segs.push(Seg::Virt(v.clone()));
+                } else if let Some(m) = self.mixed.get(i) {
+                    segs.extend(m.segs.iter().cloned());
+                } else if let Some(c) = self.shapes.channels(i) {
+                    segs.push(Seg::Real(i.clone(), c));
+                } else {
+                    self.plain(n);
+                    return Ok(());
+                }
+            }
+            self.mixed.insert(n.output[0].clone(), Mixed { segs, node: n.clone() });
+            return Ok(());
+        }
+        let only_first = n.input.iter().skip(1).all(|i| !deferred(self, i));
+        if op == "Conv"
+            && only_first
+            && let Some(m) = self.mixed.get(&x0).cloned()
+        {
+            return self.mixed_conv(n, &m);
+        }
         let Some(v) = self.virt.get(&x0).cloned().filter(|_| only_first) else {
             self.plain(n);
             return Ok(());
@@ -288,6 +343,87 @@ impl Folder<'_> {
             "Conv" if v.absorbable() => self.conv(n, &v)?,
             _ => self.plain(n),
         }
+        Ok(())
+    }
+
+    /// A Conv reading a deferred Concat: reads the Concat of the real inputs and the virtual
+    /// inputs' real tensors, each virtual part of its weights absorbed as in [`Self::conv`].
+    fn mixed_conv(&mut self, n: &NodeProto, m: &Mixed) -> Result<()> {
+        let width: usize = m.segs.iter().map(|s| if let Seg::Real(_, c) = s { *c } else { 0 }).sum::<usize>()
+            + m.segs.iter().map(|s| if let Seg::Virt(v) = s { v.sel.len() } else { 0 }).sum::<usize>();
+        let w = n.input.get(1).and_then(|w| self.index.constant(w));
+        let group = onnx::attr_i(n, "group").unwrap_or(1);
+        let ok = m.segs.iter().all(|s| !matches!(s, Seg::Virt(v) if !v.absorbable()));
+        let Some(w) = w.filter(|w| {
+            ok && group == 1
+                && w.dims.len() == 4
+                && w.dims.iter().all(|&d| d > 0)
+                && w.dims[1] as usize == width
+        }) else {
+            self.plain(n);
+            return Ok(());
+        };
+        let Some(data) = onnx::tensor_f32(w).ok().filter(|d| d.len() == onnx::numel(&w.dims)) else {
+            self.plain(n);
+            return Ok(());
+        };
+        let (c_out, c_in) = (w.dims[0] as usize, w.dims[1] as usize);
+        let plane = (w.dims[2] * w.dims[3]) as usize;
+        // The new input, segment by segment, and where each old input column goes.
+        let mut inputs = Vec::new();
+        let mut cols: Vec<(usize, f32)> = Vec::with_capacity(c_in);
+        let mut new_c = 0;
+        for seg in &m.segs {
+            match seg {
+                Seg::Real(name, c) => {
+                    inputs.push(name.clone());
+                    cols.extend((0..*c).map(|j| (new_c + j, 1.0)));
+                    new_c += c;
+                }
+                Seg::Virt(v) => {
+                    inputs.push(self.absorbed_input(v));
+                    cols.extend(v.sel.iter().map(|&i| (new_c + v.rows[i].source, v.rows[i].scale)));
+                    new_c += v.k;
+                    self.used.insert(v.origin.clone());
+                }
+            }
+        }
+        let mut out = vec![0.0f32; c_out * new_c * plane];
+        for o in 0..c_out {
+            for (c, &(j, s)) in cols.iter().enumerate() {
+                if s == 0.0 {
+                    continue;
+                }
+                let src = &data[(o * c_in + c) * plane..(o * c_in + c + 1) * plane];
+                let dst = &mut out[(o * new_c + j) * plane..(o * new_c + j + 1) * plane];
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d += s * x;
+                }
+            }
+        }
+        let key = format!("concat {}", inputs.join(" "));
+        let cat = match self.derived.get(&key) {
+            Some(name) => name.clone(),
+            None => {
+                let out_name = self.names.fresh(&format!("{}/ghostsr_fold", m.node.output[0]));
+                let mut c = m.node.clone();
+                c.input = inputs.clone();
+                c.output = vec![out_name.clone()];
+                let base = m.node.name.clone().unwrap_or_else(|| m.node.output[0].clone());
+                c.name = Some(self.names.fresh(&format!("{base}/ghostsr_fold")));
+                self.nodes.push(c);
+                self.derived.insert(key, out_name.clone());
+                out_name
+            }
+        };
+        let dims = [w.dims[0], new_c as i64, w.dims[2], w.dims[3]];
+        let wname =
+            self.add_init(&format!("{}/ghostsr_folded", n.input[1]), onnx::f32_tensor("", &dims, &out));
+        let mut nn = n.clone();
+        nn.input[0] = cat;
+        nn.input[1] = wname;
+        self.nodes.push(nn);
+        self.report.absorbed += 1;
         Ok(())
     }
 
@@ -351,37 +487,52 @@ impl Folder<'_> {
 /// could leave to a consumer to absorb: those from which some path reaches an ungrouped Conv
 /// with constant weights through Relu, LeakyRelu and channel Splits only. The calibration fits
 /// these channels' ghosts scale-only (foldable) and the others affine: those are computed by a
-/// copy Conv anyway, where a bias costs nothing. (Concat is not followed: it folds only when
-/// all its inputs are copies of one tensor.)
+/// copy Conv anyway, where a bias costs nothing.
 pub fn absorbable_channels(index: &GraphIndex<'_>, shapes: &Shapes, tensor: &str, c: usize) -> Vec<bool> {
     let mut out = vec![false; c];
-    // (tensor, first channel of the conv output it holds)
-    let mut stack = vec![(tensor.to_string(), 0usize)];
+    // (tensor t, conv channel j0, channel of t holding j0, width): conv channels j0..j0+width
+    // sit at channels t0..t0+width of t.
+    let mut stack = vec![(tensor.to_string(), 0usize, 0usize, c)];
     let mut seen = HashSet::new();
-    while let Some((t, at)) = stack.pop() {
-        if !seen.insert((t.clone(), at)) {
+    while let Some((t, j0, t0, width)) = stack.pop() {
+        if width == 0 || j0 + width > c || !seen.insert((t.clone(), j0, t0, width)) {
             continue;
         }
-        let width = shapes.channels(&t).unwrap_or(c).min(c.saturating_sub(at));
         for &i in index.consumers(&t) {
             let n = index.node(i);
-            if n.domain.as_deref().is_some_and(|d| !d.is_empty()) || n.input.first() != Some(&t) {
+            let first = n.input.first() == Some(&t);
+            if n.domain.as_deref().is_some_and(|d| !d.is_empty()) {
                 continue;
             }
             match n.op_type() {
-                "Conv" => {
+                "Conv" if first => {
                     let w = n.input.get(1).and_then(|w| index.constant(w));
                     if onnx::attr_i(n, "group").unwrap_or(1) == 1 && w.is_some_and(|w| w.dims.len() == 4) {
-                        out[at..at + width].fill(true);
+                        out[j0..j0 + width].fill(true);
                     }
                 }
-                "Relu" | "LeakyRelu" => stack.extend(n.output.iter().map(|o| (o.clone(), at))),
-                "Split" if channel_axis(n, Some(4)) => {
-                    let mut start = at;
+                "Relu" | "LeakyRelu" if first => {
+                    stack.extend(n.output.iter().map(|o| (o.clone(), j0, t0, width)))
+                }
+                "Split" if first && channel_axis(n, Some(4)) => {
+                    let mut a = 0;
                     for o in &n.output {
                         let Some(w) = shapes.channels(o) else { break };
-                        stack.push((o.clone(), start));
-                        start += w;
+                        let (lo, hi) = (a.max(t0), (a + w).min(t0 + width));
+                        if lo < hi {
+                            stack.push((o.clone(), j0 + lo - t0, lo - a, hi - lo));
+                        }
+                        a += w;
+                    }
+                }
+                "Concat" if channel_axis(n, Some(4)) && n.output.len() == 1 => {
+                    let mut offset = 0;
+                    for inp in &n.input {
+                        let Some(w) = shapes.channels(inp) else { break };
+                        if *inp == t {
+                            stack.push((n.output[0].clone(), j0, offset + t0, width));
+                        }
+                        offset += w;
                     }
                 }
                 _ => {}
@@ -401,6 +552,7 @@ pub fn fold(model: &ModelProto) -> Result<(ModelProto, FoldReport)> {
             index: &index,
             shapes: &analysis.shapes,
             virt: HashMap::new(),
+            mixed: HashMap::new(),
             materialised: HashSet::new(),
             activated: HashMap::new(),
             nodes: vec![],
@@ -448,7 +600,17 @@ mod tests {
     fn graph(tail: Vec<NodeProto>, w2: &[i64]) -> GraphProto {
         let w2n: i64 = w2.iter().product();
         GraphProto {
-            node: [vec![onnx::node("Conv", "c1", &["x", "w1"], &["y"], vec![])], tail].concat(),
+            node: [
+                vec![onnx::node(
+                    "Conv",
+                    "c1",
+                    &["x", "w1"],
+                    &["y"],
+                    vec![onnx::attr_ints_of("pads", vec![1; 4])],
+                )],
+                tail,
+            ]
+            .concat(),
             initializer: vec![
                 onnx::f32_tensor("w1", &[8, 4, 3, 3], &[0.1; 8 * 4 * 9]),
                 onnx::f32_tensor("w2", w2, &vec![0.1; w2n as usize]),
@@ -488,6 +650,13 @@ mod tests {
         assert!(!absorbable_in(&g), "Sigmoid does not commute with a scale");
         let g = graph(vec![onnx::node("Relu", "r", &["y"], &["p"], vec![]), conv("p", 1)], &[4, 8, 3, 3]);
         assert!(absorbable_in(&g));
+        // A dense block: Conv(Concat(x, Relu(y))).
+        let cat = onnx::node("Concat", "cat", &["x", "a"], &["p"], vec![onnx::attr_int("axis", 1)]);
+        let g = graph(vec![act.clone(), cat.clone(), conv("p", 1)], &[4, 12, 3, 3]);
+        assert_eq!(absorbable_channels_in(&g), [true; 8]);
+        let g =
+            graph(vec![act.clone(), cat, onnx::node("Mul", "m", &["p", "p"], &["q"], vec![])], &[4, 4, 3, 3]);
+        assert!(!absorbable_in(&g), "a Concat read by a Mul only");
     }
 
     #[test]

@@ -140,3 +140,45 @@ def test_folded_ghost_model_equals_the_conv_form_and_quantizes_to_qlinearconvs(t
     ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == convs(f) and ops["Conv"] == 0 and ops["FusedConv"] == 0, ops
+
+
+def test_dense_concat_of_features_and_a_relu_of_copies_folds_into_the_next_conv(tmp_path):
+    """RDN's dense block: h = Conv(x); a = Relu(copy(r)); Conv reads Concat(h, a) and a later
+    Concat(Concat(h, a), a2): each reading Conv gets the Concat of h and Relu(r) instead."""
+    rng = np.random.default_rng(4)
+    w0 = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
+    w1 = rng.normal(size=(4, 5, 3, 3)).astype(np.float32)
+    copy = np.zeros((8, 4, 1, 1), np.float32)
+    for c, s in enumerate([0, 1, 2, 3, 0, 1, 3, 3]):
+        copy[c, s] = 1.0 if c < 4 else 0.25 * c
+    w2 = rng.normal(size=(6, 13, 3, 3)).astype(np.float32)
+    w3 = rng.normal(size=(2, 13, 1, 1)).astype(np.float32)
+    nodes = [
+        conv("c0", "x", "w0", "h", 1),
+        conv("c1", "h", "w1", "r", 1),
+        helper.make_node("Conv", ["r", "copy"], ["y"], name="copy", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["y"], ["a"], name="relu"),
+        helper.make_node("Concat", ["h", "a"], ["cat"], name="cat", axis=1),
+        conv("c2", "cat", "w2", "z", 1),
+        conv("c3", "cat", "w3", "z3", 0),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w0, "w0"), (w1, "w1"), (copy, "copy"), (w2, "w2"), (w3, "w3")]]
+    g = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, 12, 12]),
+                           helper.make_tensor_value_info("z3", TensorProto.FLOAT, [1, 2, 12, 12])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(m, str(src))
+    proc = ghostsr("convert", src, "-o", out, "--emit", "fold", "--ratio", "0", "--kmeans", "--include", "c2")
+    assert "folded:         1 ghost copies, absorbed by 2 Conv reads, 0 still computed" in proc.stdout, proc.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(5).random((1, 3, 12, 12), dtype=np.float32)
+    for p, q in zip(run(src, x), run(out, x)):
+        assert np.abs(p - q).max() < 1e-4 * max(1.0, np.abs(p).max()), np.abs(p - q).max()
+    f = onnx.load(str(out))
+    inits = {t.name: t for t in f.graph.initializer}
+    by_name = {n.name: n for n in f.graph.node}
+    assert list(inits[by_name["c2"].input[1]].dims) == [6, 9, 3, 3], "5 feature + 4 reduced channels"
+    assert by_name["c2"].input[0] == by_name["c3"].input[0], "one Concat shared by both readers"
+    assert not any(n.name == "copy" for n in f.graph.node)
