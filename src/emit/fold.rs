@@ -5,7 +5,8 @@
 //! `y_c = s_c x_src(c) + b_c`, with `x` the reduced Conv's output. Where `b_c = 0`, `y = M x`
 //! need not be computed if every path from it reaches a Conv through operators that commute with
 //! `M`: Relu and LeakyRelu (`f(s v) = s f(v)` for `s >= 0`), channel Split (rows of `M`) and
-//! channel Concat (stacked rows over the same `x`). A Conv reading `M x` reads `x` (or `f(x)`)
+//! channel Concat (stacked rows over the same `x`; with real tensors beside them, as in a dense
+//! block, the reading Conv reads the Concat of those and `x`). A Conv reading `M x` reads `x` (or `f(x)`)
 //! with weights `W' = W M` (`W'[:, k] = Σ_{src(c)=k} s_c W[:, c]`): fewer input channels, fewer
 //! MACs, no copy Conv; its zero padding stays exact because `M 0 = 0`. Where a tensor meets
 //! anything else (Add, Mul, a graph output, a grouped Conv, an op this module does not know), or
