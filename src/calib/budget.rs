@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use super::fit::{Maps, PairStats};
 use super::{CalibOptions, apply_weights, calibrate, capture, data, fit, fit_layer, probe_factor};
+use crate::emit::fold;
 use crate::emit::{EmitMode, emit};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{Analysis, ConvInfo};
@@ -446,7 +447,12 @@ impl<'m> Probe<'m> {
                 .iter()
                 .map(|c| {
                     let y = &self.truth[&c.output];
-                    PairStats::compute(y, y, plan_opts.max_shift)
+                    PairStats::compute(y, y, plan_opts.max_shift).scale_only(match calib.scale_only {
+                        true => {
+                            fold::absorbable_channels(self.index, &self.analysis.shapes, &c.output, c.c_out)
+                        }
+                        false => vec![],
+                    })
                 })
                 .collect();
             let (mut d, mut s) = (vec![0.0], vec![0u64]);

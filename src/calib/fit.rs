@@ -102,6 +102,9 @@ pub struct PairStats {
     mean_y: Vec<f64>,
     vy: Vec<f64>,
     syy: Vec<f64>,
+    /// Target channels whose affine fits are `a x` with `a >= 0` and no bias
+    /// ([`Self::scale_only`]); empty: none.
+    scale_only: Vec<bool>,
 }
 
 impl PairStats {
@@ -175,15 +178,45 @@ impl PairStats {
             sx.extend(a);
             sxx.extend(b);
         }
-        PairStats { shifts, c_t: y.c, c_s: x.c, n: p as f64, cov, sx, sxx, mean_y, vy, syy }
+        PairStats {
+            shifts,
+            c_t: y.c,
+            c_s: x.c,
+            n: p as f64,
+            cov,
+            sx,
+            sxx,
+            mean_y,
+            vy,
+            syy,
+            scale_only: vec![],
+        }
     }
 
-    /// The best `a, b` (or `a = 1, b = 0` without `affine`) for target `g`, source `s`, shift
-    /// index `di` (into [`Self::shifts`]).
+    /// From now on, affine fits of the targets marked in `mask` are a non-negative scale
+    /// without bias (`y ≈ a x`, `a >= 0`): the ghosts that [`crate::emit::fold`] can absorb into
+    /// the Convs reading them, through Relu and LeakyRelu (which commute only with such a scale).
+    pub fn scale_only(mut self, mask: Vec<bool>) -> Self {
+        self.scale_only = mask;
+        self
+    }
+
+    /// The best `a, b` (or `a = 1, b = 0` without `affine`; `b = 0, a >= 0` with
+    /// [`Self::scale_only`]) for target `g`, source `s`, shift index `di` (into [`Self::shifts`]).
     pub fn fit(&self, g: usize, s: usize, di: usize, affine: bool) -> Fit {
         let cov = self.cov[(di * self.c_t + g) * self.c_s + s];
         let sx = self.sx[di * self.c_s + s];
         let sxx = self.sxx[di * self.c_s + s];
+        if affine && self.scale_only.get(g).copied().unwrap_or(false) {
+            // min_a Σ (y - a x)^2 over a >= 0: a = max(0, Σxy / Σx²).
+            let sxy = cov + self.mean_y[g] * sx;
+            let a = if sxx > 1e-30 { (sxy / sxx).max(0.0) } else { 0.0 };
+            return Fit {
+                residual: (self.syy[g] - 2.0 * a * sxy + a * a * sxx).max(0.0),
+                scale: a as f32,
+                bias: 0.0,
+            };
+        }
         if affine {
             let varx = sxx - sx * sx / self.n;
             if varx <= 1e-12 * sxx.max(1e-30) {
@@ -425,6 +458,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn scale_only_fits_are_bias_free_and_never_negative() {
+        let x = random_maps(2, 3, 6, 7, 5);
+        let mut y = random_maps(2, 3, 6, 7, 6);
+        plant_from(&x, &mut y, 0, 0, [0, 0], 0.6, 0.0);
+        plant_from(&x, &mut y, 1, 1, [0, 0], -0.8, 0.0);
+        plant_from(&x, &mut y, 2, 2, [0, 0], 1.5, 0.4);
+        let st = PairStats::compute(&y, &x, 0).scale_only(vec![true; 3]);
+        // An exact positive multiple is recovered with no residual.
+        let f = st.fit(0, 0, 0, true);
+        assert!((f.scale - 0.6).abs() < 1e-5 && f.bias == 0.0 && f.residual < 1e-4, "{f:?}");
+        // A negative multiple (random maps are positive) clamps to 0: residual = Σ y².
+        let f = st.fit(1, 1, 0, true);
+        let syy: f64 = (0..2).flat_map(|k| y.plane(k, 1).iter().map(|&v| (v as f64).powi(2))).sum();
+        assert_eq!((f.scale, f.bias), (0.0, 0.0));
+        assert!((f.residual - syy).abs() < 1e-6 * syy);
+        // With a bias in the data the fit has none, and does worse than the affine fit.
+        let f = st.fit(2, 2, 0, true);
+        assert_eq!(f.bias, 0.0);
+        assert!(f.scale > 0.0 && f.residual > 1e-3);
+        assert!(PairStats::compute(&y, &x, 0).fit(2, 2, 0, true).residual < 1e-4);
+        // Without affine terms the setting changes nothing.
+        assert_eq!(st.fit(2, 2, 0, false), PairStats::compute(&y, &x, 0).fit(2, 2, 0, false));
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct CalibOptions {
     /// first view of each crop only, and keep the fit of least output error on the guard's
     /// validation crops (one more fit, refit and guard run per ghosted Conv).
     pub view_choice: bool,
+    /// With `affine`: ghosts are `a x` with `a >= 0` and no bias, so that `--emit fold` can
+    /// absorb them into the Convs that read them ([`crate::emit::fold`]).
+    pub scale_only: bool,
 }
 
 impl Default for CalibOptions {
@@ -111,6 +114,7 @@ impl Default for CalibOptions {
             guard_count: 8,
             augment: 2,
             view_choice: false,
+            scale_only: false,
         }
     }
 }
@@ -571,6 +575,11 @@ pub fn calibrate_with_report(
             continue;
         };
         let y_cur = current.as_ref().map_or(y_true, |c| &c[0]);
+        // Scale-only ghosts where a consumer can absorb them (`--emit fold`), affine elsewhere.
+        let fold = match calib.scale_only {
+            true => crate::emit::fold::absorbable_channels(index, &analysis.shapes, &conv.output, conv.c_out),
+            false => vec![],
+        };
         let key = (conv.weight.clone(), conv.bias.clone());
         let first_use = !first_intrinsic.contains_key(&key);
         let weights_before = guard.then(|| weights.clone());
@@ -586,7 +595,9 @@ pub fn calibrate_with_report(
             let (yt_sub, yc_sub) = (sub(y_true), sub(y_cur));
             let yt = yt_sub.as_ref().unwrap_or(y_true);
             let yc = yc_sub.as_ref().unwrap_or(y_cur);
-            let stats = prof.time("pair stats", || PairStats::compute(yt, yc, plan_opts.max_shift));
+            let stats = prof.time("pair stats", || {
+                PairStats::compute(yt, yc, plan_opts.max_shift).scale_only(fold.clone())
+            });
             let intrinsic = match first_intrinsic.get(&key) {
                 Some(i) => i.clone(),
                 None if calib.data_intrinsic => {

@@ -147,6 +147,10 @@ pub struct CalibArgs {
     /// only, and keep the fit the guard measures better (about 1.5x the calibration time).
     #[arg(long, conflicts_with = "kmeans")]
     pub calib_view_choice: bool,
+    /// Calibration: ghosts are scaled copies `a x` with `a >= 0` and no bias, the ghosts that
+    /// `--emit fold` absorbs into the Convs reading them (on by default with `--emit fold`).
+    #[arg(long, conflicts_with_all = ["kmeans", "no_affine"])]
+    pub calib_scale_only: bool,
     /// Calibration: ONNX Runtime threads (0: one per physical core).
     #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "kmeans")]
     pub calib_threads: usize,
@@ -179,6 +183,7 @@ impl CalibArgs {
             guard_db: self.calib_guard_db,
             augment: usize::from(self.calib_augment),
             view_choice: self.calib_view_choice,
+            scale_only: self.calib_scale_only,
             ..CalibOptions::default()
         }
     }

@@ -39,11 +39,13 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "PATH")]
     pub weights: Option<PathBuf>,
     /// How to compute ghosts: `plugin` uses ai.ghostsr::GhostShift (load libghostsr.so in ONNX
-    /// Runtime); `standard` and `conv` use standard ONNX ops only (`conv`: Convs only, fastest
-    /// on ONNX Runtime's CPU provider).
+    /// Runtime); `standard`, `conv` and `fold` use standard ONNX ops only (`conv`: Convs only,
+    /// fastest on ONNX Runtime's CPU provider in float; `fold`: `conv` with unshifted ghosts
+    /// absorbed by the Convs that read them, fastest under int8; it fits those ghosts without
+    /// bias).
     #[arg(long, value_enum, default_value_t = EmitMode::Plugin)]
     pub emit: EmitMode,
-    /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit conv --int8` (fastest
+    /// Deployment target: `cpu` is `--emit conv`, `cpu-int8` is `--emit fold --int8` (fastest
     /// on ONNX Runtime's CPU provider).
     #[arg(long, value_enum, conflicts_with = "emit")]
     pub target: Option<Target>,
@@ -90,6 +92,9 @@ struct ConvertSummary {
     macs_per_pixel_after: f64,
     reorders: Vec<(String, String)>,
     absorbed: usize,
+    /// With --emit fold: copy Convs found, Convs that absorbed one, copies still computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    folded: Option<emit::fold::FoldReport>,
     seconds: Timings,
     /// With --max-psnr-drop or --target-macs: each layer's λ and the measured result.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -188,7 +193,12 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
                 .with_context(|| format!("plan {} does not fit {}", p.display(), a.model.display()))?;
             (plan, None, None, None)
         }
-        None => make_plan(&m, &index, &analysis, &planning, &a.calib, &a.budget, true)?,
+        None => {
+            // The folded form absorbs only bias-free, non-negative ghosts: fit those.
+            let mut calib_args = a.calib.clone();
+            calib_args.calib_scale_only |= mode == EmitMode::Fold && !a.calib.no_affine;
+            make_plan(&m, &index, &analysis, &planning, &calib_args, &a.budget, true)?
+        }
     };
     tick(&mut t.plan);
     // Refit weights from calibration replace the original initializers before the rewrite.
@@ -260,6 +270,7 @@ pub fn run(a: &ConvertArgs) -> Result<()> {
         macs_per_pixel_after: after.macs_per_pixel,
         reorders: emitted.reorders,
         absorbed: emitted.absorbed,
+        folded: emitted.folded,
         seconds: t,
         budget,
         int8: quantized.map(|(_, r)| r),
@@ -350,6 +361,12 @@ fn print_summary(s: &ConvertSummary) {
     );
     for (reason, n) in why {
         println!("                  {n} x {reason}");
+    }
+    if let Some(f) = &s.folded {
+        println!(
+            "  folded:         {} ghost copies, absorbed by {} Conv reads, {} still computed",
+            f.copies, f.absorbed, f.materialised
+        );
     }
     if let Some(q) = &s.int8 {
         println!(

@@ -14,6 +14,7 @@
 //! function the plan defines and keeps every graph output in its original channel order.
 
 mod channel_order;
+pub mod fold;
 pub mod fp16;
 mod keep;
 pub mod qdq;
@@ -50,6 +51,10 @@ pub enum EmitMode {
     /// Runtime's CPU provider keeps the whole network in its blocked NCHWc layout and fuses the
     /// following Relu or residual Add into the depthwise Conv (fastest there; see BENCHMARKS.md).
     Conv,
+    /// The Convs-only form with every unshifted, unbiased ghost stage absorbed by the Convs that
+    /// read it (through Relu, LeakyRelu, Split and Concat): they read the reduced Conv's output
+    /// with folded weights, so the copy Conv goes and they do fewer MACs ([`fold`]).
+    Fold,
 }
 
 /// What the emitter did, for summaries and tests.
@@ -60,6 +65,9 @@ pub struct EmitReport {
     pub absorbed: usize,
     /// Gathers inserted to restore or convert a channel order: (tensor, why).
     pub reorders: Vec<(String, String)>,
+    /// With [`EmitMode::Fold`]: what folding did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folded: Option<fold::FoldReport>,
 }
 
 /// Applies `plan` (already validated against `analysis`) to `model`.
@@ -69,6 +77,12 @@ pub fn emit(
     plan: &Plan,
     mode: EmitMode,
 ) -> Result<(ModelProto, EmitReport)> {
+    if mode == EmitMode::Fold {
+        let (conv, mut report) = emit(model, analysis, plan, EmitMode::Conv)?;
+        let (folded, f) = fold::fold(&conv)?;
+        report.folded = Some(f);
+        return Ok((folded, report));
+    }
     let graph = model.graph.as_ref().context("the model has no graph")?;
     let index = GraphIndex::new(graph)?;
     plan.validate(analysis)?;

@@ -14,7 +14,9 @@
 //! the Concat-and-permute forms turn Splits of permuted tensors into Gathers (or copy Convs) and
 //! their Transposes cost more than the copies, and shifting with Pad/Slice/Concat on the uint8
 //! tensor costs more than the depthwise Conv (measured in BENCHMARKS.md). int8 plans default to
-//! unshifted ghosts ([`INT8_MAX_SHIFT`]), whose ghost stage is the copy Conv alone.
+//! unshifted ghosts ([`INT8_MAX_SHIFT`]), whose ghost stage is the copy Conv alone, and
+//! `--target cpu-int8` quantizes the folded form ([`super::fold`]), where the Convs reading
+//! those copies absorb them and no copy runs at all.
 
 use std::collections::{HashMap, HashSet};
 
@@ -47,17 +49,20 @@ pub enum RangeRule {
 pub enum Target {
     /// Float, ONNX Runtime CPU provider: the Convs-only form (`--emit conv`).
     Cpu,
-    /// int8, ONNX Runtime CPU provider: the Convs-only form, then QDQ quantization (`--int8`).
+    /// int8, ONNX Runtime CPU provider: the folded form (`--emit fold`: unshifted ghosts absorbed
+    /// by the Convs reading them, where exact), then QDQ quantization (`--int8`).
     CpuInt8,
 }
 
-/// The emit form and whether to quantize, from `--target`, `--int8` and `--emit`: int8 and the
-/// `cpu` targets use the Convs-only form unless `--emit standard` asks otherwise; the
-/// GhostShift forms cannot be quantized (the op has no int8 kernel).
+/// The emit form and whether to quantize, from `--target`, `--int8` and `--emit`: `cpu-int8`
+/// uses the folded form (fastest under int8, BENCHMARKS.md), `cpu` and `--int8` the Convs-only
+/// form unless `--emit` asks otherwise; the GhostShift forms cannot be quantized (the op has no
+/// int8 kernel).
 pub fn resolve(target: Option<Target>, int8: bool, emit: EmitMode) -> Result<(EmitMode, bool)> {
     let int8 = int8 || target == Some(Target::CpuInt8);
     let mode = match (target, emit) {
-        (Some(_), _) => EmitMode::Conv,
+        (Some(Target::CpuInt8), _) => EmitMode::Fold,
+        (Some(Target::Cpu), _) => EmitMode::Conv,
         (None, EmitMode::Plugin) if int8 => EmitMode::Conv,
         (None, m) => m,
     };
@@ -759,7 +764,8 @@ mod tests {
         assert_eq!(r(None, false, EmitMode::Plugin), Ok((EmitMode::Plugin, false)));
         assert_eq!(r(None, true, EmitMode::Plugin), Ok((EmitMode::Conv, true)));
         assert_eq!(r(None, true, EmitMode::Standard), Ok((EmitMode::Standard, true)));
-        assert_eq!(r(Some(Target::CpuInt8), false, EmitMode::Plugin), Ok((EmitMode::Conv, true)));
+        assert_eq!(r(Some(Target::CpuInt8), false, EmitMode::Plugin), Ok((EmitMode::Fold, true)));
+        assert_eq!(r(None, true, EmitMode::Fold), Ok((EmitMode::Fold, true)));
         assert_eq!(r(Some(Target::Cpu), false, EmitMode::Plugin), Ok((EmitMode::Conv, false)));
         assert!(r(None, true, EmitMode::Fused).unwrap_err().contains("fused"));
     }

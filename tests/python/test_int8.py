@@ -122,13 +122,13 @@ def test_target_cpu_int8_writes_a_runnable_qdq_model(tmp_path):
     assert all(np.isfinite(y).all() for y in outputs(out))
 
 
-def test_cpu_int8_ghost_stage_is_one_affine_copy_conv(tmp_path):
-    """`--target cpu-int8` plans unshifted ghosts, whose ghost stage is one 1x1 Conv carrying the
+def test_int8_conv_form_ghost_stage_is_one_affine_copy_conv(tmp_path):
+    """`--int8` (Convs-only form) plans unshifted ghosts, whose ghost stage is one 1x1 Conv carrying the
     scales and biases (no one-hot depthwise Conv): ONNX Runtime fuses every Conv into a
     QLinearConv and adds no Transpose to what the quantized original needs, and the output stays
     close to the float ghost model's (as close as ONNX Runtime's quantizer gets)."""
     q, plan, flt = tmp_path / "gq.onnx", tmp_path / "plan.json", tmp_path / "g.onnx"
-    ghostsr("convert", FIXTURE, "-o", q, *CALIB, "--target", "cpu-int8", "--ratio", "0.5",
+    ghostsr("convert", FIXTURE, "-o", q, *CALIB, "--int8", "--emit", "conv", "--ratio", "0.5",
             "--save-plan", plan)
     p = json.loads(plan.read_text())
     layers = [layer for layer in p["layers"] if layer["ghosts"]]
