@@ -13,6 +13,37 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/edsr_baseline_b4c32_x2.onnx")
 }
 
+/// Calibrates the fixture at λ = 0.5 on the built-in images once per option set, in process;
+/// returns its analysis and each run's plan, refit weights and report.
+fn calibrate_fixture(
+    options: &[ghostsr::calib::CalibOptions],
+) -> (
+    ghostsr::graph::analysis::Analysis,
+    Vec<(ghostsr::plan::Plan, ghostsr::weights::WeightSet, ghostsr::calib::CalibReport)>,
+) {
+    use ghostsr::calib::{calibrate_with_report, data::ImageSource};
+    use ghostsr::graph::GraphIndex;
+    use ghostsr::graph::analysis::{Policy, analyze};
+    use ghostsr::plan::kmeans::PlanOptions;
+
+    assert!(
+        std::env::var_os(ORT_DYLIB_ENV).is_some(),
+        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
+    );
+    let m = ghostsr::model::load(&fixture()).unwrap();
+    let index = GraphIndex::new(m.graph()).unwrap();
+    let analysis = analyze(&index, &Policy::default()).unwrap();
+    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+    let runs = options
+        .iter()
+        .map(|c| {
+            calibrate_with_report(&m, &index, &analysis, &popts, c, ImageSource::Builtin, &|_, _, _| {})
+                .unwrap()
+        })
+        .collect();
+    (analysis, runs)
+}
+
 /// Runs `bin convert ...` in `cwd`, returns the parsed `--json` summary and stderr.
 fn convert(bin: &Path, cwd: &Path, args: &[&str]) -> (serde_json::Value, String) {
     let out = Command::new(bin).current_dir(cwd).arg("convert").args(args).arg("--json").output().unwrap();
@@ -81,24 +112,12 @@ fn a_missing_onnx_runtime_is_a_clear_error_for_the_default_convert() {
 /// keeps none of them and the weights stay the original's.
 #[test]
 fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
-    use ghostsr::calib::{CalibOptions, calibrate_with_report, data::ImageSource};
-    use ghostsr::graph::GraphIndex;
-    use ghostsr::graph::analysis::{Policy, analyze};
-    use ghostsr::plan::kmeans::PlanOptions;
-
-    assert!(
-        std::env::var_os(ORT_DYLIB_ENV).is_some(),
-        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
-    );
-    let m = ghostsr::model::load(&fixture()).unwrap();
-    let index = GraphIndex::new(m.graph()).unwrap();
-    let analysis = analyze(&index, &Policy::default()).unwrap();
-    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
-    let run = |guard_db: f64| {
-        let c = CalibOptions { count: 4, size: 32, samples: 4096, guard_db, ..Default::default() };
-        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {}).unwrap()
-    };
-    let (lax, _, lax_report) = run(1.0);
+    use ghostsr::calib::CalibOptions;
+    let opts =
+        |guard_db: f64| CalibOptions { count: 4, size: 32, samples: 4096, guard_db, ..Default::default() };
+    let (analysis, mut runs) = calibrate_fixture(&[opts(1.0), opts(300.0)]);
+    let (strict, weights, report) = runs.pop().unwrap();
+    let (lax, _, lax_report) = runs.pop().unwrap();
     assert!(!lax.layers.is_empty());
     let ghost_steps = |r: &ghostsr::calib::CalibReport| -> Vec<ghostsr::calib::LayerDecision> {
         r.layers.iter().filter(|l| l.step == ghostsr::calib::Step::Ghost).cloned().collect()
@@ -107,7 +126,6 @@ fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
     assert!(ghost_steps(&lax_report).iter().all(|l| l.kept));
     assert!(lax_report.layers.iter().any(|l| l.damage_fidelity_db.is_some()), "no damage was measured");
 
-    let (strict, weights, report) = run(300.0);
     let steps = ghost_steps(&report);
     let harmful: Vec<_> = steps.iter().filter(|l| l.damage_fidelity_db.is_some()).collect();
     assert!(!harmful.is_empty());
@@ -133,37 +151,23 @@ fn the_layer_guard_keeps_harmless_layers_and_undoes_harmful_ones() {
 /// crop, and the report says which fit the guard kept; without it, nothing is reported.
 #[test]
 fn view_choice_reports_the_fit_the_guard_kept_for_every_ghosted_conv() {
-    use ghostsr::calib::{CalibOptions, Step, calibrate_with_report, data::ImageSource};
-    use ghostsr::graph::GraphIndex;
-    use ghostsr::graph::analysis::{Policy, analyze};
-    use ghostsr::plan::kmeans::PlanOptions;
-
-    assert!(
-        std::env::var_os(ORT_DYLIB_ENV).is_some(),
-        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
-    );
-    let m = ghostsr::model::load(&fixture()).unwrap();
-    let index = GraphIndex::new(m.graph()).unwrap();
-    let analysis = analyze(&index, &Policy::default()).unwrap();
-    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
-    let run = |view_choice: bool| {
-        let c = CalibOptions {
-            count: 4,
-            size: 32,
-            samples: 2048,
-            guard_db: 1.0,
-            view_choice,
-            ..Default::default()
-        };
-        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {}).unwrap()
+    use ghostsr::calib::{CalibOptions, Step};
+    let opts = |view_choice: bool| CalibOptions {
+        count: 4,
+        size: 32,
+        samples: 2048,
+        guard_db: 1.0,
+        view_choice,
+        ..Default::default()
     };
-    let (plan, _, report) = run(true);
+    let (analysis, mut runs) = calibrate_fixture(&[opts(true), opts(false)]);
+    let (_, _, plain) = runs.pop().unwrap();
+    let (plan, _, report) = runs.pop().unwrap();
     plan.validate(&analysis).unwrap();
     let ghosts: Vec<_> = report.layers.iter().filter(|l| l.step == Step::Ghost).collect();
     assert!(!ghosts.is_empty());
     assert!(ghosts.iter().all(|l| l.first_view_only.is_some()), "{report:?}");
     assert!(report.layers.iter().filter(|l| l.step == Step::Refit).all(|l| l.first_view_only.is_none()));
-    let (_, _, plain) = run(false);
     assert!(plain.layers.iter().all(|l| l.first_view_only.is_none()));
 }
 
@@ -173,24 +177,11 @@ fn view_choice_reports_the_fit_the_guard_kept_for_every_ghosted_conv() {
 /// leaves the Conv's original weights.
 #[test]
 fn an_overfitting_refit_is_rejected_on_the_validation_crops() {
-    use ghostsr::calib::{CalibOptions, Step, calibrate_with_report, data::ImageSource};
-    use ghostsr::graph::GraphIndex;
-    use ghostsr::graph::analysis::{Policy, analyze};
-    use ghostsr::plan::kmeans::PlanOptions;
-
-    assert!(
-        std::env::var_os(ORT_DYLIB_ENV).is_some(),
-        "{ORT_DYLIB_ENV} is not set (libonnxruntime.so.1.31.1)"
-    );
-    let m = ghostsr::model::load(&fixture()).unwrap();
-    let index = GraphIndex::new(m.graph()).unwrap();
-    let analysis = analyze(&index, &Policy::default()).unwrap();
-    let popts = PlanOptions { ratio: 0.5, ..Default::default() };
+    use ghostsr::calib::{CalibOptions, Step};
     // One crop, one view, almost no ridge: refits that fit the crop and not the validation crops.
     let c = CalibOptions { count: 1, size: 12, ridge: 1e-4, guard_db: 1.0, augment: 1, ..Default::default() };
-    let (_, weights, report) =
-        calibrate_with_report(&m, &index, &analysis, &popts, &c, ImageSource::Builtin, &|_, _, _| {})
-            .unwrap();
+    let (analysis, mut runs) = calibrate_fixture(&[c]);
+    let (_, weights, report) = runs.pop().unwrap();
     let refits: Vec<_> = report.layers.iter().filter(|l| l.step == Step::Refit).collect();
     assert!(refits.iter().any(|l| !l.kept), "no refit was rejected: {report:?}");
     for l in refits.iter().filter(|l| !l.kept) {

@@ -165,7 +165,7 @@ struct Folder<'a> {
     used: HashSet<Rc<str>>,
 }
 
-impl Folder<'_> {
+impl<'a> Folder<'a> {
     fn add_init(&mut self, base: &str, mut t: TensorProto) -> String {
         let name = self.names.fresh(base);
         t.name = Some(name.clone());
@@ -347,24 +347,26 @@ impl Folder<'_> {
         Ok(())
     }
 
+    /// The weights of Conv `n` when a fold can rewrite them: constant, ungrouped, 4-D with
+    /// `width` input channels, plain float32 of their declared size. Anything else (`None`)
+    /// leaves the Conv as it is.
+    fn dense_weights(&self, n: &NodeProto, width: usize) -> Option<(&'a TensorProto, Vec<f32>)> {
+        let w = self.index.constant(n.input.get(1)?)?;
+        let shaped = w.dims.len() == 4 && w.dims.iter().all(|&d| d > 0) && w.dims[1] as usize == width;
+        if !shaped || onnx::attr_i(n, "group").unwrap_or(1) != 1 {
+            return None;
+        }
+        let data = onnx::tensor_f32(w).ok().filter(|d| d.len() == onnx::numel(&w.dims))?;
+        Some((w, data))
+    }
+
     /// A Conv reading a deferred Concat: reads the Concat of the real inputs and the virtual
     /// inputs' real tensors, each virtual part of its weights absorbed as in [`Self::conv`].
     fn mixed_conv(&mut self, n: &NodeProto, m: &Mixed) -> Result<()> {
         let width: usize = m.segs.iter().map(|s| if let Seg::Real(_, c) = s { *c } else { 0 }).sum::<usize>()
             + m.segs.iter().map(|s| if let Seg::Virt(v) = s { v.sel.len() } else { 0 }).sum::<usize>();
-        let w = n.input.get(1).and_then(|w| self.index.constant(w));
-        let group = onnx::attr_i(n, "group").unwrap_or(1);
         let ok = m.segs.iter().all(|s| !matches!(s, Seg::Virt(v) if !v.absorbable()));
-        let Some(w) = w.filter(|w| {
-            ok && group == 1
-                && w.dims.len() == 4
-                && w.dims.iter().all(|&d| d > 0)
-                && w.dims[1] as usize == width
-        }) else {
-            self.plain(n);
-            return Ok(());
-        };
-        let Some(data) = onnx::tensor_f32(w).ok().filter(|d| d.len() == onnx::numel(&w.dims)) else {
+        let Some((w, data)) = self.dense_weights(n, width).filter(|_| ok) else {
             self.plain(n);
             return Ok(());
         };
@@ -431,19 +433,7 @@ impl Folder<'_> {
     /// A Conv reading virtual `v` (every selected row absorbable): absorbs it into its weights
     /// when they are constant and ungrouped.
     fn conv(&mut self, n: &NodeProto, v: &Virtual) -> Result<()> {
-        let w = n.input.get(1).and_then(|w| self.index.constant(w));
-        let group = onnx::attr_i(n, "group").unwrap_or(1);
-        let Some(w) = w.filter(|w| {
-            w.dims.len() == 4
-                && w.dims.iter().all(|&d| d > 0)
-                && w.dims[1] as usize == v.sel.len()
-                && group == 1
-        }) else {
-            self.plain(n);
-            return Ok(());
-        };
-        // Weights that are not plain float32 of their declared size: leave this Conv alone.
-        let Some(data) = onnx::tensor_f32(w).ok().filter(|d| d.len() == onnx::numel(&w.dims)) else {
+        let Some((w, data)) = self.dense_weights(n, v.sel.len()) else {
             self.plain(n);
             return Ok(());
         };
