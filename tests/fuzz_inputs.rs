@@ -98,7 +98,7 @@ proptest! {
         let bytes = mutate_text(&s.plan.to_json(), &edits, &swaps);
         let Ok(text) = std::str::from_utf8(&bytes) else { return Ok(()) };
         let Ok(plan) = Plan::from_json(text) else { return Ok(()) };
-        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv] {
+        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv, EmitMode::Fold] {
             let _ = emit::emit(&s.model, &s.analysis, &plan, mode);
         }
     }
@@ -164,8 +164,13 @@ proptest! {
         let Ok(a) = analysis::analyze(&index, &Policy::default()) else { return Ok(()) };
         let opts = PlanOptions { max_iterations: 2, ..Default::default() };
         let Ok(plan) = kmeans::plan_model(&index, &a, "", &opts, &|_, _, _| {}) else { return Ok(()) };
-        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv] {
+        for mode in [EmitMode::Plugin, EmitMode::Standard, EmitMode::Fused, EmitMode::Conv, EmitMode::Fold] {
             let _ = emit::emit(&m, &a, &plan, mode);
+        }
+        // Unshifted ghosts: the copies the folded form absorbs into the (hostile) Convs reading them.
+        let opts = PlanOptions { max_shift: 0, ..opts };
+        if let Ok(plan) = kmeans::plan_model(&index, &a, "", &opts, &|_, _, _| {}) {
+            let _ = emit::emit(&m, &a, &plan, EmitMode::Fold);
         }
     }
 
