@@ -27,7 +27,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::{NamePool, keep};
+use super::{CopyRow, NamePool, copy_conv, keep};
 use crate::graph::GraphIndex;
 use crate::graph::analysis::{Policy, analyze};
 use crate::graph::shapes::Shapes;
@@ -44,14 +44,6 @@ pub struct FoldReport {
     pub materialised: usize,
 }
 
-/// One filter of a copy Conv: `scale * x[source] + bias`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Row {
-    source: usize,
-    scale: f32,
-    bias: f32,
-}
-
 /// A tensor that is not computed: channels `sel` of the copy `rows` of real tensor `x` (`k`
 /// channels), then, with `act`, that activation. A Conv can read it as `x` (or `act(x)`) when
 /// every selected row is bias-free (and, behind the activation, non-negative); anything else
@@ -61,7 +53,7 @@ struct Row {
 struct Virtual {
     x: String,
     k: usize,
-    rows: Rc<Vec<Row>>,
+    rows: Rc<Vec<CopyRow>>,
     act: Option<Rc<NodeProto>>,
     sel: Vec<usize>,
     /// The copy Conv's output (the original tensor name).
@@ -70,7 +62,7 @@ struct Virtual {
 
 impl Virtual {
     fn absorbable(&self) -> bool {
-        let clean = |r: &Row| r.bias == 0.0 && (self.act.is_none() || r.scale >= 0.0);
+        let clean = |r: &CopyRow| r.bias == 0.0 && (self.act.is_none() || r.scale >= 0.0);
         self.sel.iter().all(|&i| clean(&self.rows[i]))
     }
 
@@ -100,7 +92,7 @@ struct Mixed {
 
 /// The rows of `n` if it is a copy Conv: 1x1, one group, stride 1, no padding, at most one
 /// non-zero weight per filter.
-fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<Row>)> {
+fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<CopyRow>)> {
     if n.op_type() != "Conv" || n.domain.as_deref().is_some_and(|d| !d.is_empty()) || n.output.len() != 1 {
         return None;
     }
@@ -133,7 +125,7 @@ fn copy_rows(n: &NodeProto, index: &GraphIndex<'_>) -> Option<(usize, Vec<Row>)>
             (Some((j, &s)), None) if s.is_finite() => (j, s),
             _ => return None,
         };
-        rows.push(Row { source, scale, bias: b });
+        rows.push(CopyRow { source, scale, bias: b });
     }
     Some((k, rows))
 }
@@ -189,39 +181,16 @@ impl<'a> Folder<'a> {
         if !self.materialised.insert(t.to_string()) {
             return;
         }
-        let c = v.sel.len();
-        let mut w = vec![0.0f32; c * v.k];
-        let mut b = vec![0.0f32; c];
-        for (o, &i) in v.sel.iter().enumerate() {
-            let r = v.rows[i];
-            w[o * v.k + r.source] = r.scale;
-            b[o] = r.bias;
-        }
-        let dims = [c as i64, v.k as i64, 1, 1];
-        let wname = self.add_init(&format!("{t}/ghostsr_fold_copy_weight"), onnx::f32_tensor("", &dims, &w));
-        let mut ins = vec![v.x.clone(), wname];
-        if b.iter().any(|&x| x != 0.0) {
-            ins.push(
-                self.add_init(&format!("{t}/ghostsr_fold_copy_bias"), onnx::f32_tensor("", &[c as i64], &b)),
-            );
-        }
+        let rows: Vec<CopyRow> = v.sel.iter().map(|&i| v.rows[i]).collect();
         let copied = match v.act {
             Some(_) => self.names.fresh(&format!("{t}/ghostsr_fold_pre")),
             None => t.to_string(),
         };
-        let name = self.names.fresh(&format!("{t}/ghostsr_fold_copy"));
-        let ins: Vec<&str> = ins.iter().map(String::as_str).collect();
-        self.nodes.push(onnx::node(
-            "Conv",
-            &name,
-            &ins,
-            &[&copied],
-            vec![
-                onnx::attr_ints_of("kernel_shape", vec![1, 1]),
-                onnx::attr_ints_of("pads", vec![0, 0, 0, 0]),
-                onnx::attr_ints_of("strides", vec![1, 1]),
-            ],
-        ));
+        let prefix = format!("{t}/ghostsr_fold_copy");
+        let name = self.names.fresh(&prefix);
+        let node =
+            copy_conv(&v.x, v.k, &rows, &copied, &name, &prefix, |name, tensor| self.add_init(name, tensor));
+        self.nodes.push(node);
         if let Some(act) = &v.act {
             let mut m = (**act).clone();
             m.input[0] = copied;
@@ -675,7 +644,7 @@ mod tests {
             copy_rows(&g.node[0], &index)
         };
         let w = [1.0, 0.0, 0.0, 0.5, 0.0, 0.0];
-        let row = |source, scale, bias| Row { source, scale, bias };
+        let row = |source, scale, bias| CopyRow { source, scale, bias };
         let rows = vec![row(0, 1.0, 0.0), row(1, 0.5, 0.0), row(0, 0.0, 0.0)];
         assert_eq!(copy(&w, None), Some((2, rows.clone())));
         assert_eq!(copy(&w, Some(&[0.0; 3])), Some((2, rows)));

@@ -501,38 +501,21 @@ impl<'a> Emitter<'a> {
     /// BENCHMARKS.md).
     fn conv_shift(&mut self, input: &str, c_in: usize, entries: &[Shifted], output: &str, base: &str) {
         let unshifted = entries.iter().all(|e| e.shift == [0, 0]);
-        let mut onehot = vec![0.0f32; entries.len() * c_in];
-        for (o, e) in entries.iter().enumerate() {
-            onehot[o * c_in + e.source] = if unshifted { e.scale } else { 1.0 };
-        }
-        let c_out = entries.len() as i64;
-        let wname = self.add_init(
-            &format!("{base}/ghostsr_select_weight"),
-            onnx::f32_tensor("", &[c_out, c_in as i64, 1, 1], &onehot),
-        );
-        let mut ins = vec![input.to_string(), wname];
-        if unshifted && entries.iter().any(|e| e.bias != 0.0) {
-            let b: Vec<f32> = entries.iter().map(|e| e.bias).collect();
-            ins.push(
-                self.add_init(&format!("{base}/ghostsr_select_bias"), onnx::f32_tensor("", &[c_out], &b)),
-            );
-        }
+        let rows: Vec<CopyRow> = entries
+            .iter()
+            .map(|e| match unshifted {
+                true => CopyRow { source: e.source, scale: e.scale, bias: e.bias },
+                false => CopyRow { source: e.source, scale: 1.0, bias: 0.0 },
+            })
+            .collect();
         let copied =
             if unshifted { output.to_string() } else { self.fresh(&format!("{base}/ghostsr_sources")) };
-        let name = self.fresh(&format!("{base}/ghostsr_select"));
-        let ins_ref: Vec<&str> = ins.iter().map(String::as_str).collect();
-        self.nodes.push(onnx::node(
-            "Conv",
-            &name,
-            &ins_ref,
-            &[&copied],
-            vec![
-                onnx::attr_ints_of("kernel_shape", vec![1, 1]),
-                onnx::attr_ints_of("pads", vec![0, 0, 0, 0]),
-                onnx::attr_ints_of("strides", vec![1, 1]),
-                onnx::attr_ints_of("dilations", vec![1, 1]),
-            ],
-        ));
+        let prefix = format!("{base}/ghostsr_select");
+        let name = self.fresh(&prefix);
+        let node = copy_conv(input, c_in, &rows, &copied, &name, &prefix, |name, tensor| {
+            self.add_init(name, tensor)
+        });
+        self.nodes.push(node);
         if unshifted {
             return;
         }
@@ -609,6 +592,54 @@ struct Shifted {
     shift: [i64; 2],
     scale: f32,
     bias: f32,
+}
+
+/// One filter of a copy Conv: `scale * x[source] + bias`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct CopyRow {
+    pub source: usize,
+    pub scale: f32,
+    pub bias: f32,
+}
+
+/// The one-hot 1x1 "copy" Conv `name`: output channel `o` of `output` is
+/// `rows[o].scale * input[rows[o].source] + rows[o].bias`, exact because every other term is a
+/// zero. The conv form's unshifted ghost stage (and its source selection before a shift), and
+/// the folded form's materialised channels. Its weight (and bias, only when one is non-zero)
+/// go through `add_init` as `{prefix}_weight` / `{prefix}_bias`.
+pub(crate) fn copy_conv(
+    input: &str,
+    c_in: usize,
+    rows: &[CopyRow],
+    output: &str,
+    name: &str,
+    prefix: &str,
+    mut add_init: impl FnMut(&str, TensorProto) -> String,
+) -> NodeProto {
+    let c_out = rows.len() as i64;
+    let mut onehot = vec![0.0f32; rows.len() * c_in];
+    for (o, r) in rows.iter().enumerate() {
+        onehot[o * c_in + r.source] = r.scale;
+    }
+    let weight = onnx::f32_tensor("", &[c_out, c_in as i64, 1, 1], &onehot);
+    let mut ins = vec![input.to_string(), add_init(&format!("{prefix}_weight"), weight)];
+    if rows.iter().any(|r| r.bias != 0.0) {
+        let b: Vec<f32> = rows.iter().map(|r| r.bias).collect();
+        ins.push(add_init(&format!("{prefix}_bias"), onnx::f32_tensor("", &[c_out], &b)));
+    }
+    let ins: Vec<&str> = ins.iter().map(String::as_str).collect();
+    onnx::node(
+        "Conv",
+        name,
+        &ins,
+        &[output],
+        vec![
+            onnx::attr_ints_of("kernel_shape", vec![1, 1]),
+            onnx::attr_ints_of("pads", vec![0, 0, 0, 0]),
+            onnx::attr_ints_of("strides", vec![1, 1]),
+            onnx::attr_ints_of("dilations", vec![1, 1]),
+        ],
+    )
 }
 
 pub(crate) fn is_identity(p: &[usize]) -> bool {
